@@ -1,0 +1,68 @@
+"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
+
+The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
+Errors caused by input (missing data, bad checkpoints, impossible settings) print one ``error: ...`` line and
+exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from utils.errors import UserError
+
+
+def validate_args(args) -> None:
+    """Checks that need more than one flag, or the backbone registry."""
+    from models.resnet_mtl import min_image_size
+    if args.image_size < min_image_size(args.backbone):
+        raise UserError(f"--image_size {args.image_size} is too small for --backbone {args.backbone} "
+                        f"(at least {min_image_size(args.backbone)} px)")
+    if args.hard_task and args.phase == "meta_train" and args.ht_hard_tasks == 0:
+        print("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard task",
+              flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict | str:
+    from utils.options import parse_args
+    args = parse_args(argv)
+
+    from utils.gpu_tools import set_gpu
+    set_gpu(args.gpu)
+    import torch  # after CUDA_VISIBLE_DEVICES is set
+    from utils.gpu_tools import pick_device
+    from utils.misc import resolve_seed, seed_everything
+
+    validate_args(args)
+    device = pick_device(args.device)
+    args.seed = resolve_seed(args.seed)
+    seed_everything(args.seed, args.deterministic)
+    print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
+          f"seed {args.seed}", flush=True)
+    if args.phase == "pre_train":
+        from trainer.pre import PreTrainer
+        return PreTrainer(args, device).run()
+    if args.phase == "meta_train":
+        from trainer.meta import MetaTrainer
+        return MetaTrainer(args, device).run()
+    from trainer.meta import meta_eval
+    return meta_eval(args, device)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue the run with the same command plus --resume", file=sys.stderr, flush=True)
+        return 130
+    except MemoryError:
+        print("error: out of memory; lower --pre_batch_size, --eval_batch_size or the image size", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,7 @@
+"""Models of MTL: SS convolution (Eq. 6), backbones, the inner loop (Eq. 3) and the pre/meta learner."""
+from .conv2d_mtl import Conv2dMtl
+from .mtl import MtlLearner, inner_loop, straight_through
+from .resnet_mtl import BACKBONES, build_backbone, min_image_size
+
+__all__ = ["Conv2dMtl", "BACKBONES", "build_backbone", "min_image_size", "inner_loop", "straight_through",
+           "MtlLearner"]

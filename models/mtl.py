@@ -1,0 +1,274 @@
+"""The MTL learner: the base-learner inner loop (Eq. 3) and the pre-train / meta models.
+
+Notation (paper): Theta = frozen encoder conv weights, Phi_S1/Phi_S2 = SS parameters (Eq. 6), theta = base learner
+(FC classifier W, b). One meta step on a task T (Eq. 3-5):
+
+    theta'  = theta - beta * grad_theta L_T(tr)([Theta; theta], Phi)      (Eq. 3, ``inner_loop``, repeated ``steps`` times)
+    Phi    <- Phi   - gamma * grad_Phi   L_T(te)([Theta; theta'], Phi)     (Eq. 4, the trainer's Adam, lr meta_lr1)
+    theta  <- theta - gamma * grad_theta L_T(te)([Theta; theta'], Phi)     (Eq. 5, the trainer's Adam, lr meta_lr2)
+
+First order (the official PyTorch behaviour, reference §4.1): the inner gradients are constants, so
+d theta_T / d theta = I and the support features receive no outer gradient; grad_theta L_te = grad_{theta_T} L_te.
+This is implemented exactly with a straight-through identity (:func:`straight_through`).
+Second order (the official TF behaviour, §4.2): the inner loop is differentiated through (``create_graph=True``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv2d_mtl import Conv2dMtl
+from .resnet_mtl import build_backbone
+
+__all__ = ["inner_loop", "straight_through", "MtlLearner"]
+
+_ORDERS = ("first", "autograd", "second")
+
+
+def straight_through(init: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+    """Value of ``adapted`` (bit-exact), gradient identity to ``init``; nothing flows into ``adapted``'s graph.
+
+    Written as ``adapted.detach() + (init - init.detach())`` (the second term is exactly 0), which equals
+    ``init + (adapted - init).detach()`` in gradient but without any rounding of the value.
+    """
+    if not init.requires_grad:
+        return adapted.detach()
+    return adapted.detach() + (init - init.detach())
+
+
+def _check_inner_inputs(feat_s: torch.Tensor, y_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        steps: int, order: str) -> None:
+    if order not in _ORDERS:
+        raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+    if feat_s.dim() != 3 or weight.dim() != 3 or bias.dim() != 2 or y_s.dim() != 2:
+        raise ValueError("inner_loop expects feat_s (T, n_s, D), y_s (T, n_s), weight (T, way, D), bias (T, way); "
+                         f"got {tuple(feat_s.shape)}, {tuple(y_s.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
+    t, n_s, d = feat_s.shape
+    if y_s.shape != (t, n_s) or weight.shape[0] != t or weight.shape[2] != d or bias.shape != weight.shape[:2]:
+        raise ValueError("inner_loop shape mismatch: feat_s (T, n_s, D), y_s (T, n_s), weight (T, way, D), "
+                         f"bias (T, way); got {tuple(feat_s.shape)}, {tuple(y_s.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+def _support_loss(feat: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                  loss_scale: float) -> torch.Tensor:
+    """loss_scale * sum over tasks of the per-task mean CE. feat (T, n, D), y (T, n), w (T, way, D), b (T, way)."""
+    logits = torch.baddbmm(b.unsqueeze(1), feat, w.transpose(1, 2))  # (T, n, way)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return loss_scale * ce.view(y.shape).mean(dim=1).sum()
+
+
+def inner_loop(feat_s: torch.Tensor, y_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, steps: int,
+               lr: float, order: str = "first", loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base-learner adaptation, paper Eq. 3: theta <- theta - lr * grad_theta L_support, ``steps`` times, on T tasks.
+
+    Args:
+        feat_s: (T, n_s, D) support features.
+        y_s: (T, n_s) long support labels in [0, way).
+        weight: (T, way, D) initial FC weights theta = (W, b) per task; bias: (T, way).
+        steps: number of gradient steps (0 returns the initial weights).
+        lr: inner learning rate beta.
+        order: ``"first"``: closed-form gradient of the mean CE, batched over the T tasks, computed on detached
+            tensors (no autograd graph): G = (softmax(X W^T + b) - onehot(y)) * loss_scale / n_s,
+            dW = G^T X, db = sum_n G. ``"autograd"``: the same loop with ``torch.autograd.grad`` (no create_graph),
+            one task at a time (the reference implementation). ``"second"``: autograd with ``create_graph=True``;
+            the result is differentiable w.r.t. ``feat_s``, ``weight`` and ``bias`` (full second order).
+        loss_scale: the support loss is ``loss_scale * mean CE``; ``loss_scale = way`` reproduces the official TF
+            loss (sum of per-sample CE / shot).
+
+    Returns:
+        (weight_T, bias_T) with shapes (T, way, D), (T, way). For ``"first"`` and ``"autograd"`` they carry the
+        first-order gradient (identity Jacobian) to ``weight``/``bias`` when those require grad, and never a
+        gradient to ``feat_s``, exactly as the official PyTorch inner loop (reference §4.1).
+    """
+    _check_inner_inputs(feat_s, y_s, weight, bias, steps, order)
+    if order == "first":
+        return _inner_first(feat_s, y_s, weight, bias, steps, lr, loss_scale)
+    if order == "autograd":
+        return _inner_autograd(feat_s, y_s, weight, bias, steps, lr, loss_scale)
+    return _inner_second(feat_s, y_s, weight, bias, steps, lr, loss_scale)
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt  # never below float32 (features may come out of autocast as float16/bfloat16)
+
+
+def _inner_first(feat_s, y_s, weight, bias, steps, lr, loss_scale):
+    dt = _compute_dtype(feat_s, weight, bias)
+    with torch.no_grad():
+        x = feat_s.detach().to(dt)
+        w = weight.detach().to(dt)
+        b = bias.detach().to(dt)
+        n_s, way = x.shape[1], w.shape[1]
+        target = F.one_hot(y_s, way).to(dt)  # (T, n_s, way)
+        scale = loss_scale / n_s
+        for _ in range(steps):
+            logits = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))  # (T, n_s, way)
+            g = (torch.softmax(logits, dim=-1) - target) * scale  # dL/dlogits
+            w = w - lr * torch.bmm(g.transpose(1, 2), x)  # dW = G^T X, (T, way, D)
+            b = b - lr * g.sum(dim=1)  # db = sum_n G, (T, way)
+        w, b = w.to(weight.dtype), b.to(bias.dtype)
+    return straight_through(weight, w), straight_through(bias, b)
+
+
+def _inner_autograd(feat_s, y_s, weight, bias, steps, lr, loss_scale):
+    ws, bs = [], []
+    with torch.enable_grad():
+        for t in range(feat_s.shape[0]):
+            x = feat_s[t].detach()
+            w, b = weight[t], bias[t]
+            if not w.requires_grad:
+                w = w.detach().requires_grad_(True)
+            if not b.requires_grad:
+                b = b.detach().requires_grad_(True)
+            for _ in range(steps):
+                loss = loss_scale * F.cross_entropy(F.linear(x, w, b), y_s[t])
+                gw, gb = torch.autograd.grad(loss, (w, b))  # constants: no create_graph (first order)
+                w, b = w - lr * gw, b - lr * gb
+            ws.append(w)
+            bs.append(b)
+    w_t, b_t = torch.stack(ws), torch.stack(bs)
+    if not weight.requires_grad:
+        w_t = w_t.detach()
+    if not bias.requires_grad:
+        b_t = b_t.detach()
+    return w_t, b_t
+
+
+def _inner_second(feat_s, y_s, weight, bias, steps, lr, loss_scale):
+    with torch.enable_grad():
+        w, b = weight, bias
+        if not w.requires_grad:
+            w = w.detach().requires_grad_(True)
+        if not b.requires_grad:
+            b = b.detach().requires_grad_(True)
+        for _ in range(steps):
+            loss = _support_loss(feat_s, y_s, w, b, loss_scale)
+            gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
+            w, b = w - lr * gw, b - lr * gb
+    return w, b
+
+
+class MtlLearner(nn.Module):
+    """Encoder + head, in one of two modes.
+
+    mode ``"pre"`` (pre-train phase): ``encoder`` = plain backbone (trainable convs, optional dropout) and ``pre_fc``
+    over ``num_classes``: ``pre_head="mlp"`` = Linear(D, 1000) -> ReLU -> Linear(1000, C) (official PT, keys
+    ``pre_fc.0``/``pre_fc.2``), ``"linear"`` = Linear(D, C) with xavier-uniform W and zero b (official TF).
+
+    mode ``"meta"`` (meta-train / test): ``encoder`` = the same backbone with SS convs (Eq. 6; frozen W, b; trainable
+    Phi and BN affine; no dropout, ``dropout_keep`` is ignored), and ``base_learner`` = Linear(D, way), theta,
+    W ~ kaiming_normal_ (fan_in, gain sqrt(2), as the official ``fc1_w``), b = 0.
+    """
+
+    def __init__(self, backbone: str, mode: str, way: int = 5, num_classes: int = 0, pre_head: str = "mlp",
+                 dropout_keep: float = 1.0) -> None:
+        super().__init__()
+        if mode not in ("pre", "meta"):
+            raise ValueError(f"mode must be 'pre' or 'meta', got {mode!r}")
+        self.mode = mode
+        self.way = way
+        if mode == "pre":
+            if num_classes <= 0:
+                raise ValueError(f"mode 'pre' needs num_classes > 0, got {num_classes}")
+            self.encoder = build_backbone(backbone, mtl=False, dropout_keep=dropout_keep)
+            d = self.encoder.out_dim
+            if pre_head == "mlp":
+                self.pre_fc = nn.Sequential(nn.Linear(d, 1000), nn.ReLU(), nn.Linear(1000, num_classes))
+            elif pre_head == "linear":
+                self.pre_fc = nn.Linear(d, num_classes)
+                nn.init.xavier_uniform_(self.pre_fc.weight)
+                nn.init.zeros_(self.pre_fc.bias)
+            else:
+                raise ValueError(f"pre_head must be 'mlp' or 'linear', got {pre_head!r}")
+        else:
+            if way < 2:
+                raise ValueError(f"way must be >= 2, got {way}")
+            self.encoder = build_backbone(backbone, mtl=True, dropout_keep=1.0)
+            self.base_learner = nn.Linear(self.encoder.out_dim, way)
+            nn.init.kaiming_normal_(self.base_learner.weight)
+            nn.init.zeros_(self.base_learner.bias)
+            self.check_trainable()
+
+    @property
+    def out_dim(self) -> int:
+        return self.encoder.out_dim
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> features (B, D)."""
+        return self.encoder(x)
+
+    def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-train classification: images (B, 3, S, S) -> logits (B, num_classes)."""
+        if self.mode != "pre":
+            raise RuntimeError("forward_pre needs mode 'pre'")
+        return self.pre_fc(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mode "pre": ``forward_pre``; mode "meta": ``encode``."""
+        return self.forward_pre(x) if self.mode == "pre" else self.encode(x)
+
+    def meta_forward(self, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, update_step: int,
+                     base_lr: float, second_order: bool = False, loss_scale: float = 1.0) -> torch.Tensor:
+        """One task: adapt theta on the support set (Eq. 3), classify the query at theta_T.
+
+        Args:
+            x_s: (way*shot, 3, S, S) support images; y_s: (way*shot,) long labels in [0, way).
+            x_q: (n_q, 3, S, S) query images.
+            update_step: inner steps; base_lr: inner lr beta; loss_scale: see :func:`inner_loop`.
+            second_order: False (official PT): the query is encoded with grad, the support under ``torch.no_grad()``
+                (BN in train mode still uses its batch statistics and updates the running stats, as the official
+                two separate forward passes), closed-form inner loop, and a straight-through identity so the query
+                loss gradient w.r.t. theta equals its gradient w.r.t. theta_T; SS/BN learn only through the query
+                path (Eq. 4-5, first order). True (official TF): the support is encoded with grad and the inner loop
+                is differentiated through, so SS/BN and theta also receive gradient through the support path.
+
+        Returns:
+            logits_q (n_q, way) = query features @ W_T^T + b_T.
+        """
+        if self.mode != "meta":
+            raise RuntimeError("meta_forward needs mode 'meta'")
+        emb_q = self.encoder(x_q)  # official order: query first, then support
+        if second_order:
+            emb_s = self.encoder(x_s)
+        else:
+            with torch.no_grad():
+                emb_s = self.encoder(x_s)
+        w0 = self.base_learner.weight.unsqueeze(0)
+        b0 = self.base_learner.bias.unsqueeze(0)
+        w_t, b_t = inner_loop(emb_s.unsqueeze(0), y_s.unsqueeze(0), w0, b0, update_step, base_lr,
+                              order="second" if second_order else "first", loss_scale=loss_scale)
+        return F.linear(emb_q, w_t[0].to(emb_q.dtype), b_t[0].to(emb_q.dtype))
+
+    def check_trainable(self) -> None:
+        """Meta mode: only SS parameters (mtl_weight/mtl_bias), BN affine and the base learner may require grad."""
+        if self.mode != "meta":
+            return
+        allowed = set()
+        for m in self.encoder.modules():
+            if isinstance(m, Conv2dMtl):
+                allowed.update(id(p) for p in (m.mtl_weight, m.mtl_bias) if p is not None)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                allowed.update((id(m.weight), id(m.bias)))
+        allowed.update(id(p) for p in self.base_learner.parameters())
+        wrong = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in allowed]
+        if wrong:
+            raise RuntimeError(f"meta mode: frozen parameters require grad: {', '.join(wrong[:5])}"
+                               f"{' ...' if len(wrong) > 5 else ''}")
+        plain = [n for n, m in self.encoder.named_modules() if type(m) is nn.Conv2d]
+        if plain:
+            raise RuntimeError(f"meta mode: encoder has plain convolutions: {', '.join(plain[:5])}")
+
+    def meta_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The two Adam groups of the meta phase: (SS + BN affine params [meta_lr1], base-learner params [meta_lr2])."""
+        if self.mode != "meta":
+            raise RuntimeError("meta_parameters needs mode 'meta'")
+        self.check_trainable()
+        ss_bn = [p for p in self.encoder.parameters() if p.requires_grad]
+        return ss_bn, list(self.base_learner.parameters())

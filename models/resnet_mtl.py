@@ -1,0 +1,231 @@
+"""Feature extractors (the encoder Theta), plain (pre-train) or with SS convolutions (meta phase).
+
+Every backbone maps images (B, 3, S, S) to features (B, D) and ends with a global average pool, so any
+S >= ``min_image_size(name)`` works. ``.out_dim`` is D. With ``mtl=True`` every convolution (including 1x1
+shortcuts) is a :class:`models.conv2d_mtl.Conv2dMtl`, whose pre-trained weights are frozen (Eq. 6); with
+``mtl=False`` they are plain, trainable ``nn.Conv2d``. The two variants have the same state-dict keys apart
+from the ``mtl_*`` entries, so a pre-train checkpoint loads into the meta encoder 1:1.
+
+Backbones (reference §2):
+* ``resnet12`` (paper / official TF, default): 4 residual blocks, widths 64-128-256-512; block =
+  3 x [conv3x3 -> BN -> LeakyReLU(0.1)] + conv1x1 shortcut without BN, summed with no activation after the sum,
+  then MaxPool2d(2) and Dropout(1 - keep) (pre-train only). 84 px -> 5x5 final map -> 512-d.
+  Deviations from TF: convs have no bias (BN follows each one, so a bias is redundant), and BN is a standard
+  PyTorch BatchNorm2d with affine parameters and running statistics.
+* ``resnet12_wide``: 64-160-320-640. ``resnet12_slim``: 32-64-128-256 (CPU demo size).
+* ``resnet25``: the official PyTorch ``ResNetMtl`` (layers [4, 4, 4], 80-160-320-640) with the official state-dict
+  key names (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}``), so official
+  checkpoints load 1:1. The official fixed AvgPool2d(10) (80 px input) is replaced by a global average pool, which
+  is identical at 80 px. Official PT has no dropout; here ``dropout_keep < 1`` adds one Dropout on the layer3
+  feature map (before pooling) and the default 1.0 is exactly the official network.
+* ``conv4``: 4 x [conv3x3(64) -> BN -> ReLU -> MaxPool2d(2)] (MAML baseline) -> 64-d; Dropout after each block
+  when ``dropout_keep < 1``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .conv2d_mtl import Conv2dMtl
+
+__all__ = ["BACKBONES", "build_backbone", "min_image_size", "Backbone", "ResNet12", "ResNet25", "Conv4"]
+
+
+def _conv_cls(mtl: bool) -> type[nn.Conv2d]:
+    return Conv2dMtl if mtl else nn.Conv2d
+
+
+def _dropout(keep: float) -> nn.Module:
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"dropout_keep must be in (0, 1], got {keep}")
+    return nn.Dropout(p=1.0 - keep) if keep < 1.0 else nn.Identity()
+
+
+def _init_weights(module: nn.Module, nonlinearity: str, a: float = 0.0) -> None:
+    """Conv weights kaiming_normal_(fan_out); BN weight 1, bias 0. SS parameters keep their 1/0 init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Backbone(nn.Module):
+    """Common interface: ``features(x)`` gives the final map (B, D, h, w); ``forward(x)`` pools it to (B, D)."""
+
+    out_dim: int
+    min_size: int
+    name: str
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, S, S) float -> features (B, D)."""
+        if x.dim() != 4 or x.shape[-1] < self.min_size or x.shape[-2] < self.min_size:
+            raise ValueError(f"backbone {self.name} needs input (B, 3, S, S) with S >= {self.min_size}, "
+                             f"got shape {tuple(x.shape)}")
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------- ResNet-12
+class ResBlock12(nn.Module):
+    """TF ResNet-12 block: h = [conv3x3-BN-LeakyReLU(0.1)] x 3; y = h + conv1x1(x); MaxPool2d(2); Dropout.
+
+    (B, in, H, W) -> (B, out, H//2, W//2).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, mtl: bool, dropout_keep: float) -> None:
+        super().__init__()
+        conv = _conv_cls(mtl)
+        self.conv1 = conv(in_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv3 = conv(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.shortcut = conv(in_ch, out_ch, 1, stride=1, padding=0, bias=False)
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2)
+        self.dropout = _dropout(dropout_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn1(self.conv1(x)))
+        h = self.act(self.bn2(self.conv2(h)))
+        h = self.act(self.bn3(self.conv3(h)))
+        return self.dropout(self.pool(h + self.shortcut(x)))
+
+
+class ResNet12(Backbone):
+    """ResNet-12 (paper / TF). (B, 3, S, S) -> (B, widths[-1]); S=84 gives a 5x5 final map."""
+
+    def __init__(self, widths: tuple[int, int, int, int], mtl: bool = False, dropout_keep: float = 1.0,
+                 name: str = "resnet12") -> None:
+        super().__init__()
+        self.name, self.min_size, self.out_dim = name, 16, widths[-1]
+        chans = (3,) + tuple(widths)
+        self.layer1 = ResBlock12(chans[0], chans[1], mtl, dropout_keep)
+        self.layer2 = ResBlock12(chans[1], chans[2], mtl, dropout_keep)
+        self.layer3 = ResBlock12(chans[2], chans[3], mtl, dropout_keep)
+        self.layer4 = ResBlock12(chans[3], chans[4], mtl, dropout_keep)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self, "leaky_relu", a=0.1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+# ----------------------------------------------------------------------------------------------------------- ResNet-25
+class BasicBlock(nn.Module):
+    """Official PT BasicBlock: conv3x3(s)-BN-ReLU-conv3x3-BN, + downsample(x) or x, ReLU. Key names as official."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, mtl: bool) -> None:
+        super().__init__()
+        conv = _conv_cls(mtl)
+        self.conv1 = conv(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + residual)
+
+
+class ResNet25(Backbone):
+    """Official PT ``ResNetMtl`` (FEAT's wide ResNet), layers [4, 4, 4]. (B, 3, S, S) -> (B, 640); 80 px -> 10x10 map."""
+
+    def __init__(self, mtl: bool = False, dropout_keep: float = 1.0, layers: tuple[int, int, int] = (4, 4, 4),
+                 name: str = "resnet25") -> None:
+        super().__init__()
+        cfg = (160, 320, 640)
+        self.name, self.min_size, self.out_dim = name, 8, cfg[-1]
+        conv = _conv_cls(mtl)
+        self.inplanes = cfg[0] // 2
+        self.conv1 = conv(3, self.inplanes, 3, stride=1, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(cfg[0], layers[0], 2, mtl)
+        self.layer2 = self._make_layer(cfg[1], layers[1], 2, mtl)
+        self.layer3 = self._make_layer(cfg[2], layers[2], 2, mtl)
+        self.dropout = _dropout(dropout_keep)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self, "relu")
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, mtl: bool) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(_conv_cls(mtl)(self.inplanes, planes, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, mtl)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes, 1, None, mtl) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.dropout(self.layer3(self.layer2(self.layer1(x))))
+
+
+# --------------------------------------------------------------------------------------------------------------- Conv4
+class Conv4(Backbone):
+    """MAML Conv-4: 4 x [conv3x3(64, bias) -> BN -> ReLU -> MaxPool2d(2)]. (B, 3, S, S) -> (B, 64)."""
+
+    def __init__(self, mtl: bool = False, dropout_keep: float = 1.0, width: int = 64, name: str = "conv4") -> None:
+        super().__init__()
+        self.name, self.min_size, self.out_dim = name, 16, width
+        conv = _conv_cls(mtl)
+        blocks = []
+        for i in range(4):
+            blocks.append(nn.Sequential(conv(3 if i == 0 else width, width, 3, padding=1, bias=True),
+                                        nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                        _dropout(dropout_keep)))
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self, "relu")
+        for m in self.modules():  # conv biases start at 0
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+# ------------------------------------------------------------------------------------------------------------ registry
+BACKBONES: dict[str, Callable[[bool, float], Backbone]] = {
+    "resnet12": lambda mtl, keep: ResNet12((64, 128, 256, 512), mtl, keep, name="resnet12"),
+    "resnet12_wide": lambda mtl, keep: ResNet12((64, 160, 320, 640), mtl, keep, name="resnet12_wide"),
+    "resnet12_slim": lambda mtl, keep: ResNet12((32, 64, 128, 256), mtl, keep, name="resnet12_slim"),
+    "resnet25": lambda mtl, keep: ResNet25(mtl, keep, name="resnet25"),
+    "conv4": lambda mtl, keep: Conv4(mtl, keep, name="conv4"),
+}
+_MIN_SIZE = {"resnet12": 16, "resnet12_wide": 16, "resnet12_slim": 16, "resnet25": 8, "conv4": 16}
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def min_image_size(name: str) -> int:
+    """Smallest square input side (px) the backbone accepts (every pooling stage keeps >= 1 pixel)."""
+    _check_name(name)
+    return _MIN_SIZE[name]
+
+
+def build_backbone(name: str, mtl: bool, dropout_keep: float = 1.0) -> Backbone:
+    """Build backbone ``name``; forward (B, 3, S, S) -> (B, .out_dim). ``mtl=True``: every conv is Conv2dMtl (frozen
+    W, b; trainable SS, Eq. 6). ``dropout_keep`` < 1 adds nn.Dropout modules (pre-train only; ``eval()`` disables them).
+    """
+    _check_name(name)
+    return BACKBONES[name](bool(mtl), float(dropout_keep))

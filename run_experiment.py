@@ -1,0 +1,233 @@
+"""Generate and run the ``main.py`` command lines of an experiment (the seed's interface).
+
+    python run_experiment.py PRE         pre-train the backbone
+    python run_experiment.py META        meta-train, then meta-test the kept checkpoint
+    python run_experiment.py TEST        meta-test a meta-trained model
+    python run_experiment.py META_LOAD   meta-train from weights in <LOG_DIR>/download_weights/
+    python run_experiment.py TEST_LOAD   meta-test weights in <LOG_DIR>/download_weights/
+    python run_experiment.py DEMO        the whole pipeline on the embedded glyph data, CPU-sized (< 5 min)
+    python run_experiment.py BENCH       the speed benchmark (writes <LOG_DIR>/bench/benchmark.json)
+
+Options after the mode: ``--recipe paper|pytorch`` (default paper: the constants below; pytorch: the official
+PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/device constants applied),
+``--dry_run`` (print the commands, run nothing), and for BENCH ``--full`` (the GPU configuration).
+
+Edit the constants to change the experiment. Every command is printed before it runs, so each experiment can
+be repeated by hand. The hyperparameters themselves are defined (with help texts) in ``utils/options.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+# ------------------------------------------------------------------------------------------------------------
+# The seed's constants (defaults: the paper recipe with the ResNet-12, reference sections 4-6 and 7.3).
+LOG_DIR = "./logs"             # folder for all logs, checkpoints and results (main.py --log_root)
+GPU_ID = "0"                   # CUDA_VISIBLE_DEVICES (main.py --gpu); ignored on a CPU-only machine
+PRE_TRA_LABEL = "normal"       # label of the pre-train run (main.py --pre_label)
+PRE_TRA_ITER_MAX = 20000       # pre-train iterations
+PRE_TRA_DROP = 0.9             # dropout keep rate in pre-train (main.py --pre_dropout_keep)
+PRE_DROP_STEP = 5000           # pre-train lr halves every this many iterations
+PRE_LR = 0.001                 # pre-train learning rate (Adam)
+SHOT_NUM = 1                   # shots per class (support images)
+WAY_NUM = 5                    # classes per task
+MAX_MAX_ITER = 20000           # meta-train iterations (outer updates)
+META_BATCH_SIZE = 2            # tasks per outer update
+PRE_ITER = 10000               # the pre-train iteration whose snapshot meta-training starts from
+UPDATE_NUM = 20                # inner-loop steps in meta-train (and validation)
+SAVE_STEP = 100                # meta iterations between validation + checkpoint (one meta "epoch")
+META_LR = 0.001                # meta learning rate (SS parameters and base-learner init alike)
+META_LR_MIN = 0.0001           # floor of the meta learning rate
+LR_DROP_STEP = 1000            # meta lr halves every this many iterations
+BASE_LR = 0.001                # inner-loop learning rate (on TF's summed loss, see INNER_LOSS)
+PRE_TRA_DIR = "./data/mini-imagenet/train"   # pre-train images: <dir>/<class>/<image>
+META_TRA_DIR = "./data/mini-imagenet/train"  # meta-train images
+META_VAL_DIR = "./data/mini-imagenet/val"    # meta-validation images
+META_TES_DIR = "./data/mini-imagenet/test"   # meta-test images
+
+# What our main.py adds.
+DATASET = "miniImageNet"       # name used in log folder names
+NET_ARCH = "resnet12"          # backbone: resnet12, resnet12_wide, resnet12_slim, resnet25, conv4
+IMAGE_SIZE = 84                # input size in pixels
+PREPROCESS = "paper"           # paper: pixels / 255; pytorch: resize 92/80, centre crop, CIFAR mean/std
+PRE_BATCH_SIZE = 64            # pre-train batch
+PRE_EPOCH_ITERS = 1000         # pre-train iterations between validation + checkpoint (one pre "epoch")
+TEST_UPDATE_NUM = 100          # inner-loop steps at meta-test
+TRAIN_QUERY = 15               # queries per class in meta-train
+TEST_QUERY = 15                # queries per class at validation / test (TF used SHOT_NUM; PyTorch 15)
+INNER_LOSS = "sum"             # sum: TF's summed CE / shot; mean: official PyTorch
+SECOND_ORDER = True            # differentiate through the inner loop (TF); False = first order (PyTorch)
+NUM_TEST_EPISODES = 600        # meta-test episodes
+HARD_TASK = False              # hard-task meta-batch (paper Alg. 1)
+RESUME = False                 # continue interrupted runs (main.py --resume)
+DEVICE = "auto"                # auto, cpu or cuda
+META_LABEL = "exp1"            # label of the meta-train run
+DOWNLOAD_DIR = os.path.join(LOG_DIR, "download_weights")  # META_LOAD / TEST_LOAD read weights from here
+PRE_WEIGHTS_FILE = "pretrain.pth"                           # a pre-trained encoder (ours or official PyTorch)
+META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained model (ours or official PyTorch)
+
+# DEMO: the same code path, sized for 2 CPU cores and the embedded glyph pack (data/glyphs100.npz).
+DEMO = {
+    "dataset_dir": "data/glyphs100.npz", "log_root": os.path.join(LOG_DIR, "demo"), "backbone": "resnet12_slim",
+    "image_size": 32, "preprocess": "paper", "pre_augment": "off",
+    "pre_max_epoch": 8, "pre_batch_size": 64, "pre_lr": 0.1, "pre_step_size": 6, "pre_gamma": 0.1,
+    "pre_head": "linear", "num_val_episodes": 200,
+    "max_epoch": 4, "num_batch": 25, "meta_batch_size": 1, "update_step": 20, "base_lr": 0.1,
+    "meta_lr1": 1e-3, "meta_lr2": 1e-3, "step_size": 10, "train_query": 10, "val_query": 15,
+    "num_test_episodes": 600, "seed": 1,
+}
+
+MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH")
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _per(total: int, step: int, what: str) -> int:
+    if step <= 0 or total % step:
+        raise SystemExit(f"error: {what}: {total} is not a positive multiple of {step}")
+    return total // step
+
+
+def common_flags(recipe: str) -> list[str]:
+    """Flags every phase gets: the folders, device and logging constants, and (paper recipe) the
+    hyperparameter constants mapped onto main.py's flags."""
+    f = ["--recipe", recipe, "--log_root", LOG_DIR, "--gpu", GPU_ID, "--device", DEVICE, "--dataset", DATASET,
+         "--pre_train_dir", PRE_TRA_DIR, "--meta_train_dir", META_TRA_DIR, "--meta_val_dir", META_VAL_DIR,
+         "--meta_test_dir", META_TES_DIR, "--way", WAY_NUM, "--shot", SHOT_NUM, "--pre_label", PRE_TRA_LABEL,
+         "--meta_label", META_LABEL, "--num_test_episodes", NUM_TEST_EPISODES]
+    if recipe == "paper":
+        f += ["--backbone", NET_ARCH, "--image_size", IMAGE_SIZE, "--preprocess", PREPROCESS,
+              # pre-train, iteration constants expressed in pre "epochs" of PRE_EPOCH_ITERS iterations
+              "--pre_lr", PRE_LR, "--pre_dropout_keep", PRE_TRA_DROP, "--pre_batch_size", PRE_BATCH_SIZE,
+              "--pre_iters_per_epoch", PRE_EPOCH_ITERS,
+              "--pre_max_epoch", _per(PRE_TRA_ITER_MAX, PRE_EPOCH_ITERS, "PRE_TRA_ITER_MAX"),
+              "--pre_step_size", _per(PRE_DROP_STEP, PRE_EPOCH_ITERS, "PRE_DROP_STEP"),
+              "--pre_init_epoch", _per(PRE_ITER, PRE_EPOCH_ITERS, "PRE_ITER"),
+              "--pre_save_every", _per(PRE_ITER, PRE_EPOCH_ITERS, "PRE_ITER"),
+              # meta-train, iteration constants expressed in meta "epochs" of SAVE_STEP iterations
+              "--num_batch", SAVE_STEP, "--max_epoch", _per(MAX_MAX_ITER, SAVE_STEP, "MAX_MAX_ITER"),
+              "--step_size", _per(LR_DROP_STEP, SAVE_STEP, "LR_DROP_STEP"),
+              "--meta_batch_size", META_BATCH_SIZE, "--meta_lr1", META_LR, "--meta_lr2", META_LR,
+              "--meta_lr_min", META_LR_MIN, "--update_step", UPDATE_NUM, "--test_update_step", TEST_UPDATE_NUM,
+              "--base_lr", BASE_LR, "--train_query", TRAIN_QUERY, "--val_query", TEST_QUERY,
+              "--inner_loss", INNER_LOSS, "--second_order" if SECOND_ORDER else "--first_order"]
+    if HARD_TASK:
+        f.append("--hard_task")
+    return [str(x) for x in f]
+
+
+def main_cmd(phase: str, flags: list[str], extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "main.py", "--phase", phase] + flags + (extra or [])
+
+
+def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
+    """The main.py command lines of a mode (PRE, META, TEST, META_LOAD, TEST_LOAD)."""
+    f = common_flags(recipe)
+    resume = ["--resume"] if RESUME else []
+    if mode == "PRE":
+        return [main_cmd("pre_train", f, resume)]
+    if mode == "META":
+        return [main_cmd("meta_train", f, resume), main_cmd("meta_eval", f)]
+    if mode == "TEST":
+        return [main_cmd("meta_eval", f)]
+    if mode == "META_LOAD":
+        init = os.path.join(DOWNLOAD_DIR, PRE_WEIGHTS_FILE)
+        return [main_cmd("meta_train", f, ["--init_weights", init] + resume), main_cmd("meta_eval", f)]
+    if mode == "TEST_LOAD":
+        return [main_cmd("meta_eval", f, ["--eval_weights",
+                                          os.path.join(DOWNLOAD_DIR, META_WEIGHTS_FILE.format(shot=SHOT_NUM))])]
+    raise ValueError(mode)
+
+
+def demo_commands() -> list[tuple[str, list[str]]]:
+    """DEMO: pre-train once, then for 1 and 5 shots: meta-train, meta-test MTL, meta-test the FT baseline
+    (the pre-trained encoder with only the linear base learner fine-tuned)."""
+    d = dict(DEMO)
+    base = []
+    for k, v in d.items():
+        base += [f"--{k}", str(v)]
+    base += ["--dataset", "glyphs", "--device", DEVICE]
+    pre_ckpt = os.path.join(d["log_root"], "pre", f"glyphs_{d['backbone']}", "max_acc.pth")
+    out = [("pre-train", main_cmd("pre_train", base))]
+    for shot in (1, 5):
+        s = ["--shot", str(shot), "--meta_label", "demo"]
+        out.append((f"{shot}-shot meta-train", main_cmd("meta_train", base + s)))
+        out.append((f"{shot}-shot MTL test", main_cmd("meta_eval", base + s)))
+        out.append((f"{shot}-shot FT baseline test", main_cmd("meta_eval", base + s + ["--eval_weights", pre_ckpt])))
+    return out
+
+
+def run(cmd: list[str], dry: bool) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if dry:
+        return
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        sys.exit(rc)
+
+
+def demo(dry: bool) -> None:
+    import time
+    t0 = time.perf_counter()
+    for _, cmd in demo_commands():
+        run(cmd, dry)
+    if dry:
+        return
+    root = DEMO["log_root"]
+    summary = {}
+    for shot in (1, 5):
+        meta_dir = os.path.join(root, "meta", f"glyphs_{DEMO['backbone']}_5way{shot}shot_demo")
+        pre_dir = os.path.join(root, "pre", f"glyphs_{DEMO['backbone']}")
+        rows = {}
+        for name, path in (("baseline", os.path.join(pre_dir, f"results_pretrained_5way{shot}shot.json")),
+                           ("mtl", os.path.join(meta_dir, "results.json"))):
+            with open(path) as fh:
+                r = json.load(fh)
+            rows[name] = {"mean": r["mean"], "ci95": r["ci95"], "episodes": r["episodes"]}
+        summary[f"{shot}-shot"] = rows
+    with open(os.path.join(root, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(f"\nDEMO finished in {time.perf_counter() - t0:.0f} s. 5-way test accuracy (%), mean ± 95% interval:")
+    print(f"{'':8} {'FT baseline (pre-trained + fine-tuned head)':>44} {'MTL (SS meta-trained)':>24}")
+    for k, rows in summary.items():
+        b, m = rows["baseline"], rows["mtl"]
+        print(f"{k:8} {b['mean']:>34.2f} ± {b['ci95']:.2f} ({b['episodes']} ep.) "
+              f"{m['mean']:>10.2f} ± {m['ci95']:.2f} ({m['episodes']} ep.)")
+    print(f"summary written to {os.path.join(root, 'summary.json')}")
+
+
+def usage(msg: str) -> None:
+    print(f"error: {msg}\nusage: python run_experiment.py MODE [--recipe paper|pytorch] [--dry_run] [--full]\n"
+          f"modes: {', '.join(MODES)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cli(argv: list[str]) -> None:
+    if not argv:
+        usage("no mode given")
+    mode, opts = argv[0], argv[1:]
+    if mode not in MODES:
+        usage(f"unknown mode {mode!r}")
+    dry = "--dry_run" in opts
+    recipe = "paper"
+    if "--recipe" in opts:
+        i = opts.index("--recipe")
+        if i + 1 >= len(opts) or opts[i + 1] not in ("paper", "pytorch"):
+            usage("--recipe takes paper or pytorch")
+        recipe = opts[i + 1]
+    if mode == "DEMO":
+        demo(dry)
+    elif mode == "BENCH":
+        cmd = [sys.executable, "-m", "utils.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
+        if "--full" in opts:
+            cmd.append("--full")
+        run(cmd, dry)
+    else:
+        for cmd in commands(mode, recipe):
+            run(cmd, dry)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

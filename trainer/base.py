@@ -1,0 +1,229 @@
+"""What the pre-train and meta trainers share: data, log folders, the epoch loop with validation,
+checkpoints (best, last, resume state), the per-epoch log, TensorBoard and the LR schedule.
+
+A subclass provides ``build()`` (model, optimizer, samplers), ``train_epoch(epoch)``, ``validate(epoch)``,
+``model_checkpoint()`` and the pieces of its state that a resume needs (``extra_state`` /
+``load_extra_state``). The loop itself lives only here.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
+from data_generator.transforms import BatchTransform
+from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
+from utils.errors import UserError
+from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
+from utils.options import settings_dict
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_MUST_MATCH = ("phase", "backbone", "dataset", "dataset_dir", "image_size", "preprocess", "way", "shot",
+                     "train_query", "pre_batch_size", "pre_head", "meta_batch_size", "second_order", "inner_loss",
+                     "hard_task", "seed", "pre_train_dir", "meta_train_dir", "meta_val_dir")
+
+
+def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
+    """Step schedule with the official epoch semantics (reference section 12.1): the official code calls
+    ``StepLR.step()`` at the *start* of each 1-indexed epoch, so epoch ``e`` trains at
+    ``lr0 * gamma ** (e // step_size)`` (pre-train: epochs 1-29 at 0.1, 30-59 at 0.02, ...), never below
+    ``floor``."""
+    return max(lr0 * gamma ** (epoch // step_size), floor)
+
+
+def log_dir_pre(args: argparse.Namespace) -> str:
+    label = f"_{args.pre_label}" if args.pre_label else ""
+    return os.path.join(args.log_root, "pre", f"{args.dataset}_{args.backbone}{label}")
+
+
+def log_dir_meta(args: argparse.Namespace) -> str:
+    ht = "_HT" if args.hard_task else ""
+    return os.path.join(args.log_root, "meta",
+                        f"{args.dataset}_{args.backbone}_{args.way}way{args.shot}shot{ht}_{args.meta_label}")
+
+
+def ensure_writable(path: str) -> None:
+    """Create ``path`` or fail with one line (an unwritable log root is a user error, not a traceback)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the log folder {path}: {e.strerror or e}")
+
+
+class DataBundle:
+    """The transform and the image splits of one run, loaded once."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.eval_transform = BatchTransform(args.image_size, args.preprocess, augment=False)
+        self.train_transform = BatchTransform(args.image_size, args.preprocess,
+                                              augment=args.pre_augment == "on")
+        cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
+        self.cache_dir = None if cache == "none" else cache
+
+    def spec(self, role: str) -> str:
+        a = self.args
+        explicit = {"pre_train": a.pre_train_dir, "meta_train": a.meta_train_dir, "val": a.meta_val_dir,
+                    "test": a.meta_test_dir}[role]
+        if explicit:
+            return explicit
+        return split_spec(a.dataset_dir, {"pre_train": "train", "meta_train": "train", "val": "val",
+                                          "test": "test"}[role])
+
+    def load(self, role: str) -> ImageSet:
+        spec = self.spec(role)
+        if not spec.split("#")[0].endswith(".npz") and not os.path.isdir(spec):
+            raise UserError(
+                f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
+                f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
+        return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.args.num_workers)
+
+
+class BaseTrainer:
+    """The epoch loop shared by :class:`trainer.pre.PreTrainer` and :class:`trainer.meta.MetaTrainer`."""
+
+    kind = "base"
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, log_dir: str):
+        self.args = args
+        self.device = device
+        self.log_dir = log_dir
+        self.data = DataBundle(args)
+        self.progress = not args.quiet
+        self.trlog: list[dict[str, Any]] = []
+        self.best_acc = -1.0
+        self.best_epoch = 0
+        self.start_epoch = 1
+        self.aug_gen = torch.Generator().manual_seed(args.seed)
+
+    # ----------------------------------------------------------------- to implement
+    max_epoch: int
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def set_lr(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self, epoch: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def model_checkpoint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ----------------------------------------------------------------- shared
+    def fixed_val_episodes(self, imageset: ImageSet, n: int, query: int) -> np.ndarray:
+        from data_generator.meta_data_generator import fixed_episodes
+        check_episode_fit(imageset, self.args.way, self.args.shot + query, "validation")
+        return fixed_episodes(imageset.labels, n, self.args.way, self.args.shot, query, self.args.eval_seed)
+
+    def checkpoint(self, epoch: int, val_acc: float) -> dict[str, Any]:
+        ck = {"format": FORMAT, "kind": self.kind, "backbone": self.args.backbone,
+              "args": settings_dict(self.args), "epoch": epoch, "val_acc": val_acc}
+        ck.update(self.model_checkpoint())
+        return ck
+
+    def resume_state(self, epoch: int) -> dict[str, Any]:
+        return {"format": FORMAT, "kind": f"resume-{self.kind}", "args": settings_dict(self.args),
+                "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "trlog": self.trlog,
+                "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(), "extra": self.extra_state()}
+
+    def load_resume(self) -> None:
+        path = os.path.join(self.log_dir, "resume.pth")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint to resume from in {self.log_dir} (resume.pth is missing)")
+        st = load_checkpoint(path)
+        if st.get("kind") != f"resume-{self.kind}":
+            raise UserError(f"--resume: {path} is not a {self.kind} resume checkpoint")
+        old = st["args"]
+        for k in RESUME_MUST_MATCH:
+            if k in old and old[k] != getattr(self.args, k):
+                raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
+                                f"not {getattr(self.args, k)}; use the same settings or another log folder")
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.best_acc, self.best_epoch = st["best_acc"], st["best_epoch"]
+        self.trlog = list(st["trlog"])
+        set_rng_state(st["rng"])
+        self.aug_gen.set_state(st["aug_gen"])
+        self.load_extra_state(st["extra"])
+        self.start_epoch = st["epoch"] + 1
+        print(f"resuming {self.log_dir} after epoch {st['epoch']} (best val {100 * self.best_acc:.2f}% "
+              f"at epoch {self.best_epoch})", flush=True)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: the JSON log is the record
+            return None
+        # purge_step drops events a killed run wrote after its last checkpoint, so the curves have neither
+        # gaps nor duplicates after a resume.
+        return SummaryWriter(os.path.join(self.log_dir, "tb"), purge_step=self.start_epoch)
+
+    def run(self) -> str:
+        """Train, validate every epoch, keep ``max_acc.pth`` (best val) and ``last.pth``; return the best path."""
+        a = self.args
+        ensure_writable(self.log_dir)
+        self.build()
+        if a.resume:
+            self.load_resume()
+        write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
+        writer = self._tensorboard()
+        best_path = os.path.join(self.log_dir, "max_acc.pth")
+        for epoch in range(self.start_epoch, self.max_epoch + 1):
+            t0 = time.perf_counter()
+            lrs = self.set_lr(epoch)
+            stats = self.train_epoch(epoch)
+            t1 = time.perf_counter()
+            val_acc, val_ci = self.validate(epoch)
+            t2 = time.perf_counter()
+            if not math.isfinite(stats.get("train_loss", 0.0)):
+                raise UserError(f"training loss is {stats['train_loss']} in epoch {epoch}; stopped. The last good "
+                                f"checkpoint is {os.path.join(self.log_dir, 'last.pth')}")
+            if val_acc > self.best_acc:
+                self.best_acc, self.best_epoch = val_acc, epoch
+                save_atomic(self.checkpoint(epoch, val_acc), best_path)
+            if self.kind == "pre" and epoch % a.pre_save_every == 0:
+                save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, f"epoch{epoch}.pth"))
+            record = {"epoch": epoch, **lrs, **stats, "val_acc": val_acc, "val_ci95": val_ci,
+                      "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
+                      "train_time": t1 - t0, "val_time": t2 - t1}
+            self.trlog.append(record)
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        writer.add_scalar(f"{self.kind}/{k}", v, epoch)
+                writer.flush()
+            save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
+            save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
+            write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
+            print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
+                  f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "
+                  f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "
+                  f"compute {stats.get('compute_time', 0):.1f}s val {t2 - t1:.1f}s", flush=True)
+            if a.stop_after_epoch and epoch == a.stop_after_epoch:
+                print(f"stopping after epoch {epoch} (--stop_after_epoch)", flush=True)
+                break
+        if writer is not None:
+            writer.close()
+        return best_path

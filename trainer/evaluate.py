@@ -1,0 +1,137 @@
+"""One evaluation routine for pre-train validation, meta-validation and meta-test.
+
+Evaluation episodes are fixed (``fixed_episodes`` with ``--eval_seed``), so every checkpoint and every method
+is compared on the same episodes. Two paths compute the same numbers:
+
+* **feature bank** (default, ``--eval_mode bank``): with the encoder in eval mode its features do not depend
+  on the batch, so each image of the split is encoded once; then all episodes' inner loops run together on
+  the stored features, ``(E, way, D)`` fast weights and batched matmuls, with the closed-form gradient.
+* **episodic** (``--eval_mode episodic``): the straightforward reference, one episode at a time through the
+  encoder (query, then support, as the official ``meta_forward``) and an autograd inner loop.
+
+A test checks that both give the same per-episode accuracies.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from data_generator.dataset_loader import ImageSet
+from data_generator.meta_data_generator import episode_labels
+from models.mtl import inner_loop
+from utils.gpu_tools import autocast, to_device
+
+
+def init_head(way: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh linear base learner for an encoder that has none (pre-train validation, the "FT" baseline):
+    the same initialisation as the meta base learner (kaiming normal, fan_in; zero bias), drawn from its own
+    seeded generator so every evaluation of every checkpoint starts from the same head.
+
+    Returns:
+        ``weight (way, dim)``, ``bias (way,)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    std = math.sqrt(2.0 / dim)  # kaiming_normal_(fan_in, gain sqrt(2)), as the official fc1_w init
+    return torch.randn(way, dim, generator=g) * std, torch.zeros(way)
+
+
+@torch.no_grad()
+def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torch.device,
+                 batch_size: int = 256, amp: bool = False, progress: bool = False,
+                 desc: str = "encode") -> torch.Tensor:
+    """Encode every image of a split once, in eval mode.
+
+    Returns:
+        ``(N, D)`` float32 features on ``device``, row i for ``imageset.images[i]``.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    n = len(imageset.labels)
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+            x = to_device(torch.from_numpy(np.array(imageset.images[start:start + batch_size])), device)
+            with autocast(device, amp):
+                out.append(encoder(transform(x)).float())
+    encoder.train(was_training)
+    return torch.cat(out).clone()
+
+
+def _classify(feat_s: torch.Tensor, feat_q: torch.Tensor, way: int, shot: int, init_w: torch.Tensor,
+              init_b: torch.Tensor, steps: int, lr: float, classifier: str, loss_scale: float,
+              order: str) -> torch.Tensor:
+    """Query logits for a batch of episodes.
+
+    Args:
+        feat_s: ``(E, way * shot, D)`` support features in episode layout (label = position % way).
+        feat_q: ``(E, n_q, D)`` query features.
+        init_w, init_b: ``(way, D)``, ``(way,)`` base-learner initialisation (finetune only).
+    Returns:
+        ``(E, n_q, way)`` logits.
+    """
+    e, _, d = feat_s.shape
+    if classifier == "centroid":
+        protos = feat_s.view(e, shot, way, d).mean(1)                       # (E, way, D)
+        return -torch.cdist(feat_q, protos).pow(2)
+    y_s = episode_labels(way, shot).to(feat_s.device).expand(e, -1)
+    w = init_w.to(feat_s).expand(e, -1, -1).clone()
+    b = init_b.to(feat_s).expand(e, -1).clone()
+    w, b = inner_loop(feat_s, y_s, w, b, steps, lr, order=order, loss_scale=loss_scale)
+    return torch.baddbmm(b.unsqueeze(1), feat_q, w.transpose(1, 2))
+
+
+def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: int, init_w: torch.Tensor,
+                  init_b: torch.Tensor, steps: int, lr: float, classifier: str = "finetune",
+                  loss_scale: float = 1.0, chunk: int = 500) -> np.ndarray:
+    """Run all episodes on stored features, ``chunk`` episodes at a time.
+
+    Args:
+        features: ``(N, D)`` from :func:`encode_split`.
+        episodes: ``(E, way * (shot + query))`` image indices in episode layout.
+    Returns:
+        ``(E,)`` query accuracies in [0, 1].
+    """
+    n_s = way * shot
+    accs = []
+    idx_all = torch.from_numpy(np.asarray(episodes, dtype=np.int64))
+    for start in range(0, len(idx_all), chunk):
+        idx = idx_all[start:start + chunk].to(features.device)
+        f = features[idx]                                                     # (e, n, D)
+        logits = _classify(f[:, :n_s], f[:, n_s:], way, shot, init_w, init_b, steps, lr, classifier,
+                           loss_scale, order="first")
+        y_q = episode_labels(way, (idx.shape[1] - n_s) // way).to(features.device)
+        accs.append((logits.argmax(-1) == y_q).float().mean(1).cpu())
+    return torch.cat(accs).numpy()
+
+
+def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
+                      shot: int, init_w: torch.Tensor, init_b: torch.Tensor, steps: int, lr: float,
+                      device: torch.device, classifier: str = "finetune", loss_scale: float = 1.0,
+                      progress: bool = False) -> np.ndarray:
+    """The per-episode reference path: each episode's images go through the encoder (eval mode) and the
+    inner loop runs with autograd, one episode at a time.
+
+    Returns:
+        ``(E,)`` query accuracies in [0, 1].
+    """
+    was_training = encoder.training
+    encoder.eval()
+    n_s = way * shot
+    accs = []
+    for ep in tqdm(episodes, desc="episodes", disable=not progress, leave=False):
+        x = transform(to_device(torch.from_numpy(np.ascontiguousarray(imageset.images[ep])), device))
+        with torch.no_grad():
+            f_q = encoder(x[n_s:])
+            f_s = encoder(x[:n_s])
+        with torch.enable_grad():
+            logits = _classify(f_s[None], f_q[None], way, shot, init_w, init_b, steps, lr, classifier,
+                               loss_scale, order="autograd")
+        y_q = episode_labels(way, (len(ep) - n_s) // way).to(device)
+        accs.append((logits[0].argmax(-1) == y_q).float().mean().item())
+    encoder.train(was_training)
+    return np.asarray(accs, dtype=np.float32)

@@ -1,0 +1,150 @@
+"""The hard-task (HT) meta-batch, paper Alg. 1 lines 8-20 (and Alg. 2 lines 7-10).
+
+After each normal task of a meta-batch has run (inner loop, outer update), its per-class query accuracy is
+computed and the task's **failure class** (the class with the lowest accuracy, ties broken at random with a
+seeded generator) is recorded. Then ``--ht_hard_tasks`` hard tasks are built from the recorded failure classes:
+``way`` classes drawn from them, with **freshly sampled** support and query images (paper Sec. 4.3: re-sampling
+images of the failure classes "works better in general" than reusing the failed ones), excluding every image
+the meta-batch used. Each hard task runs the same inner loop and outer update. The record is emptied after each
+meta-batch.
+
+Choices the CVPR paper leaves open (reference section 10), as flags:
+
+* ``--ht_normal_tasks`` (default ``--meta_batch_size``): normal tasks per meta-batch that feed the record;
+* ``--ht_hard_tasks`` (default 1): hard tasks per meta-batch;
+* ``--ht_update separate|shared`` (default separate): one outer update per hard task, or hard tasks join the
+  meta-batch's single update (the mean over normal and hard tasks);
+* ``--ht_start_epoch`` (default 1): first epoch with hard tasks.
+
+When fewer than ``way`` distinct failure classes were recorded, the hard task is topped up with the meta-batch's
+other classes ranked by their accuracy (lowest first); the log says which (``topped_up``).
+Every meta-batch writes one JSON line to ``hard_tasks.jsonl`` in the run's log folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from data_generator.dataset_loader import ImageSet
+
+
+class HardTaskScheduler:
+    """Records failure classes of a meta-batch and runs the hard tasks built from them."""
+
+    def __init__(self, args: argparse.Namespace, train_set: ImageSet, sampler, log_dir: str):
+        self.args = args
+        self.way, self.shot, self.query = args.way, args.shot, args.train_query
+        self.normal_tasks = args.ht_normal_tasks or args.meta_batch_size
+        self.train_set = train_set
+        self.class_indices = train_set.class_indices()
+        self.rng = np.random.Generator(np.random.PCG64(args.seed + 7919))
+        self.log_path = os.path.join(log_dir, "hard_tasks.jsonl")
+        self.reset()
+
+    def reset(self) -> None:
+        self.failures: list[int] = []          # failure class of each normal task (dataset class ids)
+        self.failure_acc: list[float] = []
+        self.class_acc: dict[int, list[float]] = {}   # every class seen in the meta-batch -> accuracies
+        self.used: set[int] = set()            # image indices used by the meta-batch
+
+    def record(self, classes: np.ndarray, per_class_acc: np.ndarray, episode: np.ndarray | None = None) -> int:
+        """Alg. 2 lines 7-10: the failure class of one task.
+
+        Args:
+            classes: ``(way,)`` dataset class ids in episode label order.
+            per_class_acc: ``(way,)`` query accuracy of each class.
+            episode: the task's image indices (excluded from the hard tasks' images).
+        Returns:
+            the failure class (dataset id).
+        """
+        acc = np.asarray(per_class_acc, dtype=np.float64)
+        lowest = np.flatnonzero(acc == acc.min())
+        pick = int(lowest[self.rng.integers(len(lowest))])
+        m = int(classes[pick])
+        self.failures.append(m)
+        self.failure_acc.append(float(acc[pick]))
+        for c, v in zip(classes, acc):
+            self.class_acc.setdefault(int(c), []).append(float(v))
+        if episode is not None:
+            self.used.update(int(i) for i in episode)
+        return m
+
+    def hard_classes(self) -> tuple[list[int], list[int]]:
+        """``way`` classes for one hard task (Alg. 1 line 15), and those added by the top-up."""
+        distinct = list(dict.fromkeys(self.failures))
+        if len(distinct) >= self.way:
+            chosen = [distinct[i] for i in sorted(self.rng.choice(len(distinct), self.way, replace=False))]
+            return chosen, []
+        ranked = sorted((c for c in self.class_acc if c not in distinct),
+                        key=lambda c: (float(np.mean(self.class_acc[c])), c))
+        if len(distinct) + len(ranked) < self.way:  # a very small meta-batch: any other training class
+            others = [c for c in self.rng.permutation(len(self.class_indices)).tolist()
+                      if c not in distinct and c not in ranked]
+            ranked += others
+        topped = ranked[: self.way - len(distinct)]
+        return distinct + topped, topped
+
+    def sample_episode(self, classes: list[int]) -> np.ndarray:
+        """A task on ``classes`` with fresh images: none of them was used by the meta-batch (when a class has
+        too few unused images, the used ones are allowed again, never duplicates within the task)."""
+        n = self.shot + self.query
+        per_class = []
+        for c in classes:
+            idx = self.class_indices[c]
+            fresh = np.array([i for i in idx if int(i) not in self.used], dtype=np.int64)
+            pool = fresh if len(fresh) >= n else idx
+            per_class.append(self.rng.choice(pool, n, replace=False))
+        block = np.stack(per_class)                               # (way, shot + query)
+        support = block[:, : self.shot].T.reshape(-1)             # interleaved by class, as the sampler
+        query = block[:, self.shot:].T.reshape(-1)
+        return np.concatenate([support, query])
+
+    def run_hard_tasks(self, trainer, iteration: int, timer, shared: bool) -> None:
+        """Alg. 1 lines 15-20: build and run the hard tasks, log the meta-batch, empty the record."""
+        names = self.train_set.class_names
+        tasks, topped_all = [], []
+        for _ in range(self.args.ht_hard_tasks):
+            classes, topped = self.hard_classes()
+            tasks.append((classes, self.sample_episode(classes)))
+            topped_all.extend(c for c in topped if c not in topped_all)
+        n_normal = self.normal_tasks
+        if shared and tasks:
+            total = n_normal + len(tasks)
+            for p in trainer.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(n_normal / total)
+        for classes, ep in tasks:
+            trainer.run_task(ep, (1.0 / (n_normal + len(tasks))) if shared else 1.0, timer)
+            if not shared:
+                trainer.outer_step()
+        entry = {"iteration": iteration,
+                 "failure_classes": [names[c] for c in self.failures],
+                 "failure_accuracies": [round(a, 4) for a in self.failure_acc],
+                 "topped_up": [names[c] for c in topped_all],
+                 "hard_tasks": [[names[c] for c in classes] for classes, _ in tasks]}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.reset()
+
+    def state_dict(self) -> dict:
+        st = self.rng.bit_generator.state
+        return {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
+                "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.rng.bit_generator.state = {"bit_generator": "PCG64",
+                                        "state": {"state": int(s["state"]), "inc": int(s["inc"])},
+                                        "has_uint32": s["has_uint32"], "uinteger": s["uinteger"]}
+
+    def truncate_log(self, last_iteration: int) -> None:
+        """After a resume: drop log lines a killed run wrote past its last checkpoint."""
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+        with open(self.log_path, "w") as f:
+            f.writelines(keep)

@@ -1,0 +1,157 @@
+"""Pre-train phase (paper Sec. 4.1, Alg. 1 lines 1-5): a backbone trained as an ordinary classifier on all
+base classes, validated every epoch by few-shot episodes on the validation classes.
+
+Official PyTorch recipe (reference 5.1, ``main.py`` defaults): SGD Nesterov (lr 0.1, momentum 0.9, weight
+decay 5e-4), batch 128, lr x0.2 every 30 epochs, train-time augmentation, a 640-1000-C MLP head; every epoch
+600 validation episodes in which a fresh 5-way linear head is fine-tuned for 100 steps at lr 0.01 on frozen
+features. The best epoch by validation is kept as ``max_acc.pth``; ``epoch<N>.pth`` every ``pre_save_every``.
+The paper's recipe (``--recipe paper``) uses Adam, batch 64, dropout and a linear head (reference 5.2).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.mtl import MtlLearner
+from trainer.base import BaseTrainer, log_dir_pre, scheduled_lr
+from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
+from utils.gpu_tools import autocast, to_device
+from utils.misc import Averager, Timer, mean_ci
+
+
+class BatchStream:
+    """Mini-batch indices from a resumable stream of seeded permutations of the training images.
+
+    ``iters_per_epoch == 0``: an epoch is one pass over a fresh permutation (the last batch may be smaller,
+    as the official DataLoader). Otherwise an epoch is that many full batches, drawn from consecutive
+    permutations (iteration-based schedules of the paper recipe).
+    """
+
+    def __init__(self, n: int, batch_size: int, iters_per_epoch: int, seed: int):
+        self.n, self.batch_size, self.iters = n, batch_size, iters_per_epoch
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.perm = np.zeros(0, dtype=np.int64)
+        self.pos = 0
+
+    def epoch(self) -> list[np.ndarray]:
+        if self.iters == 0:
+            perm = self.rng.permutation(self.n)
+            return [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        out = []
+        for _ in range(self.iters):
+            need, parts = self.batch_size, []
+            while need:
+                if self.pos >= len(self.perm):
+                    self.perm, self.pos = self.rng.permutation(self.n), 0
+                take = self.perm[self.pos:self.pos + need]
+                self.pos += len(take)
+                need -= len(take)
+                parts.append(take)
+            out.append(np.concatenate(parts))
+        return out
+
+    def state_dict(self) -> dict:
+        st = self.rng.bit_generator.state
+        return {"rng": {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
+                        "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]},
+                "perm": torch.from_numpy(self.perm.copy()), "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        r = s["rng"]
+        self.rng.bit_generator.state = {"bit_generator": "PCG64",
+                                        "state": {"state": int(r["state"]), "inc": int(r["inc"])},
+                                        "has_uint32": r["has_uint32"], "uinteger": r["uinteger"]}
+        self.perm = s["perm"].numpy().copy()
+        self.pos = int(s["pos"])
+
+
+class PreTrainer(BaseTrainer):
+    kind = "pre"
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        super().__init__(args, device, log_dir_pre(args))
+        self.max_epoch = args.pre_max_epoch
+
+    def build(self) -> None:
+        a = self.args
+        self.train_set = self.data.load("pre_train")
+        self.val_set = self.data.load("val")
+        self.val_episodes = self.fixed_val_episodes(self.val_set, a.num_val_episodes, a.val_query)
+        self.model = MtlLearner(a.backbone, "pre", way=a.way, num_classes=self.train_set.num_classes,
+                                pre_head=a.pre_head, dropout_keep=a.pre_dropout_keep).to(self.device)
+        if a.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [{"params": self.model.encoder.parameters()}, {"params": self.model.pre_fc.parameters()}]
+        if a.pre_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=a.pre_lr, momentum=a.pre_custom_momentum, nesterov=True,
+                                             weight_decay=a.pre_custom_weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=a.pre_lr, weight_decay=a.pre_custom_weight_decay)
+        self.stream = BatchStream(len(self.train_set.labels), a.pre_batch_size, a.pre_iters_per_epoch, a.seed)
+        self.head_w, self.head_b = init_head(a.way, self.model.encoder.out_dim, a.eval_seed)
+        self.labels_t = torch.from_numpy(self.train_set.labels.astype(np.int64))
+
+    def set_lr(self, epoch: int) -> dict[str, float]:
+        a = self.args
+        lr = scheduled_lr(a.pre_lr, epoch, a.pre_step_size, a.pre_gamma)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return {"lr": lr}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        a = self.args
+        self.model.train()
+        loss_avg, acc_avg, timer = Averager(), Averager(), Timer()
+        batches = self.stream.epoch()
+        for idx in tqdm(batches, desc=f"pre-train epoch {epoch}", disable=not self.progress, leave=False):
+            timer.start("data")
+            x = to_device(torch.from_numpy(self.train_set.images[idx]), self.device)
+            y = self.labels_t[idx].to(self.device)
+            x = self.data.train_transform(x, generator=self.aug_gen)
+            if a.channels_last and self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            timer.stop("data")
+            timer.start("compute")
+            with autocast(self.device, a.amp):
+                logits = self.model.forward_pre(x)
+                loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            lv = loss.item()
+            timer.stop("compute")
+            if not math.isfinite(lv):
+                return {"train_loss": lv}
+            loss_avg.add(lv, len(y))
+            acc_avg.add((logits.argmax(1) == y).float().mean().item(), len(y))
+        return {"train_loss": loss_avg.item(), "train_acc": acc_avg.item(),
+                "data_time": timer.seconds.get("data", 0.0), "compute_time": timer.seconds.get("compute", 0.0)}
+
+    def validate(self, epoch: int) -> tuple[float, float]:
+        """Few-shot validation of the encoder: a fresh linear head fine-tuned on each episode's support."""
+        a = self.args
+        if a.eval_mode == "episodic":
+            accs = evaluate_episodic(self.model.encoder, self.val_set, self.data.eval_transform, self.val_episodes,
+                                     a.way, a.shot, self.head_w, self.head_b, a.pre_val_update_step,
+                                     a.pre_val_base_lr, self.device, progress=self.progress)
+        else:
+            feats = encode_split(self.model.encoder, self.val_set, self.data.eval_transform, self.device,
+                                 a.eval_batch_size, a.amp, self.progress, desc="encode val")
+            accs = evaluate_bank(feats, self.val_episodes, a.way, a.shot, self.head_w, self.head_b,
+                                 a.pre_val_update_step, a.pre_val_base_lr)
+        return mean_ci(accs)
+
+    def model_checkpoint(self) -> dict:
+        return {"encoder": self.model.encoder.state_dict(), "pre_fc": self.model.pre_fc.state_dict(),
+                "num_classes": self.train_set.num_classes, "class_names": list(self.train_set.class_names)}
+
+    def extra_state(self) -> dict:
+        return {"stream": self.stream.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])

@@ -1,0 +1,1 @@
+"""Shared helpers: options, misc, checkpoint, gpu_tools, errors."""

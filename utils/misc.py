@@ -1,0 +1,134 @@
+"""Small helpers shared by every phase: the 95% interval, running means, timers, seeding and RNG state.
+
+The confidence interval follows the official code (``pytorch/utils/misc.py`` L74-87): ``1.96 * std / sqrt(n)``
+with the population standard deviation (``np.std``, ``ddof=0``), reported in the same unit as the mean.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and 95% confidence half-width of per-episode accuracies.
+
+    Args:
+        values: ``(n_episodes,)`` accuracies (any unit; the result is in the same unit).
+    Returns:
+        ``(mean, 1.96 * std / sqrt(n))`` with the population std, as the official code computes it.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    return float(a.mean()), float(1.96 * a.std() / math.sqrt(a.size))
+
+
+class Averager:
+    """Running mean of scalars (loss, accuracy) over one epoch."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, value: float, n: int = 1) -> None:
+        self.total += float(value) * n
+        self.count += n
+
+    def item(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class Timer:
+    """Accumulates wall-clock seconds per named section (e.g. ``data`` vs ``compute``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        self._start[name] = time.perf_counter()
+
+    def stop(self, name: str) -> float:
+        dt = time.perf_counter() - self._start.pop(name)
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        return dt
+
+
+def resolve_seed(seed: int) -> int:
+    """The official meaning of ``--seed 0`` is "no fixed seed"; we draw one and record it so the run can
+    still be repeated with ``--seed <that number>``."""
+    if seed != 0:
+        return seed
+    return int.from_bytes(os.urandom(4), "little") % (2**31 - 1) + 1
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA). With ``deterministic`` also ask cuDNN / torch for
+    deterministic kernels (slower on GPU; CPU kernels used here are deterministic already)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global RNG states (Python, numpy legacy, torch CPU and CUDA) in a form that
+    ``torch.load(weights_only=True)`` accepts (tensors, strings, lists)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": json.dumps([py[0], list(py[1]), py[2]]),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                             float(np_state[4])]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`get_rng_state`."""
+    v, internal, gauss = json.loads(state["python"])
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace`` so readers never see half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_acc(mean: float, ci: float) -> str:
+    """``61.83 ± 0.79`` from fractions (0.6183, 0.0079)."""
+    return f"{100 * mean:.2f} ± {100 * ci:.2f}"

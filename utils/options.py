@@ -1,0 +1,204 @@
+"""The one source of truth for hyperparameters: every ``main.py`` flag and the recipe presets.
+
+``main.py`` parses these flags; ``run_experiment.py`` maps its seed constants onto them. The first block
+repeats **every flag of the official PyTorch ``main.py`` with the same name, default and meaning**
+(reference section 7.1), with its known bugs fixed:
+
+* ``--gpu`` defaults to ``None`` (leave ``CUDA_VISIBLE_DEVICES`` alone) instead of ``'1'``, which hid the
+  only GPU of a one-GPU machine;
+* ``--dataset`` defaults to ``miniImageNet``, a value of its own ``choices`` (the official default was not);
+* the meta phase finds the pre-train checkpoint by dataset, backbone and ``--pre_label`` instead of by a
+  folder name that contains ``pre_max_epoch`` (the official run scripts disagreed on it, section 11.2);
+* checkpoints are loaded strictly (see ``utils/checkpoint.py``).
+
+``--seed 0`` keeps its official meaning ("no fixed seed"), but the seed actually drawn is printed and stored,
+so the run can be repeated.
+
+Recipes (``--recipe``) change defaults only; a flag given on the command line always wins. ``pytorch`` is
+the official PyTorch code (the defaults of ``main.py`` already); ``paper`` is the paper / official TensorFlow
+recipe with the ResNet-12 (reference sections 4-6 and 13). The table in the README lists the differences.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+PHASES = ("pre_train", "meta_train", "meta_eval")
+DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "glyphs", "custom")
+
+# Values in which the two published recipes differ. main.py's own defaults are the "pytorch" column.
+RECIPES: dict[str, dict[str, object]] = {
+    "pytorch": {},
+    "paper": {
+        # backbone and input (reference 2.2, 2.4, 2.5)
+        "backbone": "resnet12", "image_size": 84, "preprocess": "paper",
+        # pre-train: Adam 1e-3 halved every 5k iterations, batch 64, dropout keep 0.9, single FC head,
+        # 20k iterations, meta starts from the 10k snapshot (reference 5.2). One "epoch" = 1000 iterations.
+        "pre_optimizer": "adam", "pre_lr": 1e-3, "pre_gamma": 0.5, "pre_batch_size": 64,
+        "pre_iters_per_epoch": 1000, "pre_step_size": 5, "pre_max_epoch": 20, "pre_init_epoch": 10,
+        "pre_save_every": 10, "pre_dropout_keep": 0.9, "pre_head": "linear", "pre_custom_weight_decay": 0.0,
+        # meta: 20k iterations x 2 tasks, Adam 1e-3 for SS and FC alike, x0.5 every 1k iterations with a
+        # floor of 1e-4, inner loop 20 steps (100 at test) at 1e-3 on the summed loss / shot (reference 4.2).
+        # One "epoch" = 100 iterations (the TF save / validation step).
+        "max_epoch": 200, "num_batch": 100, "meta_batch_size": 2, "meta_lr1": 1e-3, "meta_lr2": 1e-3,
+        "step_size": 10, "gamma": 0.5, "meta_lr_min": 1e-4, "update_step": 20, "test_update_step": 100,
+        "base_lr": 1e-3, "inner_loss": "sum", "second_order": True,
+    },
+}
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def keep_rate(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (``error: ...``) and exits 2, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see python main.py --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Meta-Transfer Learning (Sun et al., CVPR 2019): pre-train, meta-train, meta-test.")
+    a = p.add_argument
+
+    g = p.add_argument_group("official PyTorch flags (same names, defaults and meanings)")
+    a = g.add_argument
+    a("--model_type", default="ResNet", choices=["ResNet"], help="kept for compatibility; see --backbone")
+    a("--dataset", default="miniImageNet", choices=DATASETS, help="dataset name (log folder names)")
+    a("--phase", default="meta_train", choices=PHASES)
+    a("--seed", type=int, default=0, help="0 = draw a random seed (printed and stored); N = fully seeded run")
+    a("--gpu", default=None, help="CUDA_VISIBLE_DEVICES to set (default: leave it alone)")
+    a("--dataset_dir", default="./data/mini/",
+      help="root with train/ val/ test/ class folders, or a .npz pack (e.g. data/glyphs100.npz)")
+    a("--max_epoch", type=positive_int, default=100, help="meta-train epochs")
+    a("--num_batch", type=positive_int, default=100, help="meta-batches (outer updates) per meta-train epoch")
+    a("--shot", type=positive_int, default=1)
+    a("--way", type=positive_int, default=5)
+    a("--train_query", type=positive_int, default=15, help="queries per class in meta-train")
+    a("--val_query", type=positive_int, default=15, help="queries per class in validation and test")
+    a("--meta_lr1", type=positive_float, default=1e-4, help="Adam lr of the SS parameters and BN affine")
+    a("--meta_lr2", type=positive_float, default=1e-3, help="Adam lr of the base learner's initialisation")
+    a("--base_lr", type=positive_float, default=0.01, help="inner-loop (base learner) SGD step, Eq. 3")
+    a("--update_step", type=positive_int, default=50, help="inner-loop steps in meta-train and validation")
+    a("--step_size", type=positive_int, default=10, help="meta lr decays every step_size epochs")
+    a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
+    a("--init_weights", default=None, help="pre-trained encoder checkpoint for meta_train")
+    a("--eval_weights", default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)")
+    a("--meta_label", default="exp1", help="suffix of the meta-train log folder")
+    a("--pre_max_epoch", type=positive_int, default=100)
+    a("--pre_batch_size", type=positive_int, default=128)
+    a("--pre_lr", type=positive_float, default=0.1)
+    a("--pre_gamma", type=positive_float, default=0.2)
+    a("--pre_step_size", type=positive_int, default=30, help="pre-train lr decays every pre_step_size epochs")
+    a("--pre_custom_momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    a("--pre_custom_weight_decay", type=float, default=5e-4)
+
+    g = p.add_argument_group("model and data")
+    a = g.add_argument
+    a("--recipe", default="pytorch", choices=sorted(RECIPES), help="preset defaults (see the README table)")
+    a("--backbone", default="resnet25",
+      choices=["resnet12", "resnet12_wide", "resnet12_slim", "resnet25", "conv4"])
+    a("--image_size", type=positive_int, default=80, help="network input size in pixels")
+    a("--preprocess", default="pytorch", choices=["pytorch", "paper"],
+      help="pytorch: resize to 92/80 of the size, centre crop, CIFAR mean/std; paper: /255 only")
+    a("--pre_train_dir", default=None, help="pre-train images (default: <dataset_dir>/train)")
+    a("--meta_train_dir", default=None, help="meta-train images (default: <dataset_dir>/train)")
+    a("--meta_val_dir", default=None, help="validation images (default: <dataset_dir>/val)")
+    a("--meta_test_dir", default=None, help="test images (default: <dataset_dir>/test)")
+    a("--cache_dir", default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)")
+    a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache")
+
+    g = p.add_argument_group("pre-train")
+    a = g.add_argument
+    a("--pre_optimizer", default="sgd", choices=["sgd", "adam"])
+    a("--pre_head", default="mlp", choices=["mlp", "linear"],
+      help="classifier head: mlp (official PyTorch, 1000 hidden) or linear (paper / TF)")
+    a("--pre_dropout_keep", type=keep_rate, default=1.0, help="dropout keep rate after each block (resnet12)")
+    a("--pre_augment", default="on", choices=["on", "off"], help="train-time augmentation of --preprocess")
+    a("--pre_iters_per_epoch", type=nonneg_int, default=0,
+      help="iterations per pre-train epoch; 0 = one pass over the training images (official)")
+    a("--pre_save_every", type=positive_int, default=10, help="keep epoch<N>.pth every N epochs")
+    a("--pre_init_epoch", type=nonneg_int, default=0,
+      help="meta-train starts from pre-train epoch<N>.pth; 0 = the best by validation (max_acc.pth)")
+    a("--pre_label", default="", help="extra label of the pre-train log folder")
+    a("--pre_val_update_step", type=positive_int, default=100, help="head fine-tuning steps in pre-train val")
+    a("--pre_val_base_lr", type=positive_float, default=0.01, help="head fine-tuning lr in pre-train val")
+
+    g = p.add_argument_group("meta-train and meta-test")
+    a = g.add_argument
+    a("--meta_batch_size", type=positive_int, default=1, help="tasks per outer update (official PyTorch: 1)")
+    a("--meta_lr_min", type=float, default=0.0, help="floor of meta_lr1 (meta_lr2 floored in proportion)")
+    a("--second_order", action="store_true", help="differentiate through the inner loop")
+    a("--first_order", dest="second_order", action="store_false", help="official first-order update")
+    a("--inner_loss", default="mean", choices=["mean", "sum"],
+      help="inner-loop loss: mean CE (official PyTorch) or sum CE / shot (TF; = way x mean)")
+    a("--test_update_step", type=positive_int, default=None, help="inner steps at meta-test (default update_step)")
+    a("--num_val_episodes", type=positive_int, default=600)
+    a("--num_test_episodes", type=positive_int, default=600)
+    a("--eval_seed", type=int, default=1, help="seed of the fixed validation / test episodes")
+    a("--eval_mode", default="bank", choices=["bank", "episodic"],
+      help="bank: encode each image once, batch all episodes (exact, fast); episodic: one episode at a time")
+    a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
+      help="finetune: the base learner's inner loop; centroid: nearest class mean of the features")
+    a("--hard_task", action="store_true", help="hard-task (HT) meta-batch, paper Alg. 1")
+    a("--ht_normal_tasks", type=positive_int, default=None,
+      help="normal tasks per meta-batch that feed the failure-class record (default: max(way, meta_batch))")
+    a("--ht_hard_tasks", type=nonneg_int, default=1, help="hard tasks per meta-batch")
+    a("--ht_update", default="separate", choices=["separate", "shared"],
+      help="separate: one outer update per hard task; shared: hard tasks join the meta-batch's update")
+    a("--ht_start_epoch", type=positive_int, default=1, help="epoch from which hard tasks are used")
+
+    g = p.add_argument_group("run control")
+    a = g.add_argument
+    a("--log_root", default="./logs", help="all checkpoints, logs and results go under this folder")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--resume", action="store_true", help="continue the run in its log folder from its last checkpoint")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels (slower); CPU runs are already")
+    a("--amp", action="store_true", help="bf16 autocast on CUDA (default fp32)")
+    a("--channels_last", action="store_true", help="channels_last memory format on CUDA")
+    a("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    a("--eval_batch_size", type=positive_int, default=256, help="images per batch when encoding a split")
+    a("--quiet", action="store_true", help="no progress bars")
+    a("--stop_after_epoch", type=nonneg_int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the recipe's defaults applied first; explicit flags always win."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**RECIPES[known.recipe])
+    args = parser.parse_args(argv)
+    if args.test_update_step is None:
+        args.test_update_step = args.update_step
+    return args
+
+
+def settings_dict(args: argparse.Namespace) -> dict:
+    """The settings as a plain dict (stored in checkpoints and results files)."""
+    return {k: v for k, v in sorted(vars(args).items())}
