@@ -80,6 +80,10 @@ DEMO = {
     "num_test_episodes": 600, "seed": 1,
 }
 
+# DEMO --smoke (CI): the same commands, shortened, under their own log folder.
+DEMO_SMOKE = {"log_root": os.path.join(LOG_DIR, "demo_smoke"), "pre_max_epoch": 1, "max_epoch": 1, "num_batch": 3,
+              "num_val_episodes": 20, "num_test_episodes": 50}
+
 MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH")
 # ------------------------------------------------------------------------------------------------------------
 
@@ -118,8 +122,16 @@ def common_flags(recipe: str) -> list[str]:
     return [str(x) for x in f]
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def script(name: str) -> str:
+    """A script of this repo, as a path relative to the working folder (``main.py`` when run from the repo)."""
+    return os.path.relpath(os.path.join(HERE, name))
+
+
 def main_cmd(phase: str, flags: list[str], extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "main.py", "--phase", phase] + flags + (extra or [])
+    return [sys.executable, script("main.py"), "--phase", phase] + flags + (extra or [])
 
 
 def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
@@ -141,10 +153,14 @@ def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
     raise ValueError(mode)
 
 
-def demo_commands() -> list[tuple[str, list[str]]]:
+def demo_settings(smoke: bool = False) -> dict:
+    return {**DEMO, **(DEMO_SMOKE if smoke else {})}
+
+
+def demo_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
     """DEMO: pre-train once, then for 1 and 5 shots: meta-train, meta-test MTL, meta-test the FT baseline
     (the pre-trained encoder with only the linear base learner fine-tuned)."""
-    d = dict(DEMO)
+    d = demo_settings(smoke)
     base = []
     for k, v in d.items():
         base += [f"--{k}", str(v)]
@@ -160,7 +176,8 @@ def demo_commands() -> list[tuple[str, list[str]]]:
 
 
 def run(cmd: list[str], dry: bool) -> None:
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    shown = ["python"] + cmd[1:] if cmd[0] == sys.executable else cmd  # repeatable by hand as printed
+    print("$ " + " ".join(shlex.quote(c) for c in shown), flush=True)
     if dry:
         return
     rc = subprocess.call(cmd)
@@ -168,18 +185,19 @@ def run(cmd: list[str], dry: bool) -> None:
         sys.exit(rc)
 
 
-def demo(dry: bool) -> None:
+def demo(dry: bool, smoke: bool = False) -> None:
     import time
     t0 = time.perf_counter()
-    for _, cmd in demo_commands():
+    for _, cmd in demo_commands(smoke):
         run(cmd, dry)
     if dry:
         return
-    root = DEMO["log_root"]
+    d = demo_settings(smoke)
+    root = d["log_root"]
     summary = {}
     for shot in (1, 5):
-        meta_dir = os.path.join(root, "meta", f"glyphs_{DEMO['backbone']}_5way{shot}shot_demo")
-        pre_dir = os.path.join(root, "pre", f"glyphs_{DEMO['backbone']}")
+        meta_dir = os.path.join(root, "meta", f"glyphs_{d['backbone']}_5way{shot}shot_demo")
+        pre_dir = os.path.join(root, "pre", f"glyphs_{d['backbone']}")
         rows = {}
         for name, path in (("baseline", os.path.join(pre_dir, f"results_pretrained_5way{shot}shot.json")),
                            ("mtl", os.path.join(meta_dir, "results.json"))):
@@ -199,7 +217,7 @@ def demo(dry: bool) -> None:
 
 
 def usage(msg: str) -> None:
-    print(f"error: {msg}\nusage: python run_experiment.py MODE [--recipe paper|pytorch] [--dry_run] [--full]\n"
+    print(f"error: {msg}\nusage: python run_experiment.py MODE [--recipe paper|pytorch] [--dry_run] [--full] [--smoke]\n"
           f"modes: {', '.join(MODES)}", file=sys.stderr)
     sys.exit(2)
 
@@ -218,7 +236,7 @@ def cli(argv: list[str]) -> None:
             usage("--recipe takes paper or pytorch")
         recipe = opts[i + 1]
     if mode == "DEMO":
-        demo(dry)
+        demo(dry, smoke="--smoke" in opts)
     elif mode == "BENCH":
         cmd = [sys.executable, "-m", "utils.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
         if "--full" in opts:
