@@ -35,10 +35,11 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
     validate_args(args)
     device = pick_device(args.device)
-    args.seed = resolve_seed(args.seed)
+    if not (args.resume and args.seed == 0 and args.phase != "meta_eval"):
+        args.seed = resolve_seed(args.seed)  # (--resume with --seed 0 takes the seed stored in resume.pth)
     seed_everything(args.seed, args.deterministic)
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
-          f"seed {args.seed}", flush=True)
+          f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
     if args.phase == "pre_train":
         from trainer.pre import PreTrainer
         return PreTrainer(args, device).run()
@@ -61,6 +62,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory; lower --pre_batch_size, --eval_batch_size or the image size", file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        import torch
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print("error: CUDA out of memory; lower --pre_batch_size, --eval_batch_size, --meta_batch_size or the "
+                  "image size (the files of the last finished epoch are kept; continue with --resume)",
+                  file=sys.stderr, flush=True)
+            return 3
+        raise
     return 0
 
 

@@ -23,10 +23,13 @@ from utils.errors import UserError
 from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
 from utils.options import settings_dict
 
-# Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_MUST_MATCH = ("phase", "backbone", "dataset", "dataset_dir", "image_size", "preprocess", "way", "shot",
-                     "train_query", "pre_batch_size", "pre_head", "meta_batch_size", "second_order", "inner_loss",
-                     "hard_task", "seed", "pre_train_dir", "meta_train_dir", "meta_val_dir")
+# Settings a resumed run may change: how long it runs, where and how fast it computes, what it prints, and the
+# meta-test-only flags. Every other setting stored in resume.pth must match (another backbone, way, dataset,
+# learning rate, optimizer, ... is an error, never a silent mix of two runs).
+RESUME_MAY_DIFFER = ("resume", "stop_after_epoch", "max_epoch", "pre_max_epoch", "quiet", "device", "gpu",
+                     "num_workers", "cache_dir", "eval_batch_size", "amp", "channels_last", "compile",
+                     "deterministic", "log_root", "recipe", "pre_save_every", "eval_weights", "meta_test_dir",
+                     "num_test_episodes", "test_update_step", "eval_classifier")
 
 
 def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
@@ -143,10 +146,32 @@ class BaseTrainer:
         return ck
 
     def resume_state(self, epoch: int) -> dict[str, Any]:
+        """Everything a resumed run needs (docs/REPRODUCIBILITY.md). The LR schedule is a pure function of the
+        epoch and the stored settings (``set_lr``), so the epoch is its whole state. There is no AMP grad scaler:
+        ``--amp`` is bf16 autocast only (``utils.gpu_tools.autocast``), which needs none."""
+        best = os.path.join(self.log_dir, "max_acc.pth") if self.best_epoch else None
         return {"format": FORMAT, "kind": f"resume-{self.kind}", "args": settings_dict(self.args),
-                "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "trlog": self.trlog,
-                "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(), "extra": self.extra_state()}
+                "epoch": epoch, "iterations_per_epoch": self.iterations_per_epoch(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_checkpoint": best,
+                "trlog": self.trlog, "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(),
+                "amp_scaler": None, "extra": self.extra_state()}
+
+    def iterations_per_epoch(self) -> int:
+        return 0
+
+    def check_loss(self, loss: float, epoch: int, iteration: int, n_iterations: int) -> None:
+        """Stop at once when the training loss is NaN or infinite: nothing of this epoch is saved, so the files
+        of the last finished epoch (``last.pth``, ``resume.pth``, ``trlog.json``) stay as they were."""
+        if math.isfinite(loss):
+            return
+        if self.trlog:
+            last = (f"the last good checkpoint is {os.path.join(self.log_dir, 'last.pth')} "
+                    f"(epoch {self.trlog[-1]['epoch']}), left untouched")
+        else:
+            last = "no checkpoint of this run was written yet"
+        raise UserError(f"training loss is {loss} at epoch {epoch}, iteration {iteration}/{n_iterations}; "
+                        f"stopped; {last}. Lower the learning rate or check the data")
 
     def load_resume(self) -> None:
         path = os.path.join(self.log_dir, "resume.pth")
@@ -156,10 +181,17 @@ class BaseTrainer:
         if st.get("kind") != f"resume-{self.kind}":
             raise UserError(f"--resume: {path} is not a {self.kind} resume checkpoint")
         old = st["args"]
-        for k in RESUME_MUST_MATCH:
-            if k in old and old[k] != getattr(self.args, k):
+        if self.args.seed == 0 and "seed" in old:  # --seed 0 on resume: the seed the run drew and stored
+            self.args.seed = old["seed"]
+        for k in sorted(old):
+            if k in RESUME_MAY_DIFFER or not hasattr(self.args, k):
+                continue
+            if old[k] != getattr(self.args, k):
                 raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
                                 f"not {getattr(self.args, k)}; use the same settings or another log folder")
+        for name in os.listdir(self.log_dir):  # half-written temporaries of a killed run (save_atomic)
+            if name.startswith(".tmp_"):
+                os.unlink(os.path.join(self.log_dir, name))
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.best_acc, self.best_epoch = st["best_acc"], st["best_epoch"]
@@ -168,6 +200,10 @@ class BaseTrainer:
         self.aug_gen.set_state(st["aug_gen"])
         self.load_extra_state(st["extra"])
         self.start_epoch = st["epoch"] + 1
+        best = st.get("best_checkpoint")
+        if best and not os.path.isfile(best):
+            print(f"warning: the best checkpoint so far, {best}, is missing; it is rewritten only when a later "
+                  "epoch validates better", flush=True)
         print(f"resuming {self.log_dir} after epoch {st['epoch']} (best val {100 * self.best_acc:.2f}% "
               f"at epoch {self.best_epoch})", flush=True)
 
@@ -187,19 +223,19 @@ class BaseTrainer:
         self.build()
         if a.resume:
             self.load_resume()
-        write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
-        writer = self._tensorboard()
+        # Nothing is written into the log folder before the first epoch has finished (a run that fails early
+        # leaves an earlier run's files as they were); the TensorBoard writer is opened then too.
+        writer = None
         best_path = os.path.join(self.log_dir, "max_acc.pth")
         for epoch in range(self.start_epoch, self.max_epoch + 1):
             t0 = time.perf_counter()
             lrs = self.set_lr(epoch)
-            stats = self.train_epoch(epoch)
+            stats = self.train_epoch(epoch)  # raises (check_loss) as soon as a loss is NaN or infinite
+            self.check_loss(stats.get("train_loss", 0.0), epoch, self.iterations_per_epoch(),
+                            self.iterations_per_epoch())
             t1 = time.perf_counter()
             val_acc, val_ci = self.validate(epoch)
             t2 = time.perf_counter()
-            if not math.isfinite(stats.get("train_loss", 0.0)):
-                raise UserError(f"training loss is {stats['train_loss']} in epoch {epoch}; stopped. The last good "
-                                f"checkpoint is {os.path.join(self.log_dir, 'last.pth')}")
             if val_acc > self.best_acc:
                 self.best_acc, self.best_epoch = val_acc, epoch
                 save_atomic(self.checkpoint(epoch, val_acc), best_path)
@@ -209,14 +245,19 @@ class BaseTrainer:
                       "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
                       "train_time": t1 - t0, "val_time": t2 - t1}
             self.trlog.append(record)
+            if writer is None:
+                writer = self._tensorboard()
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch" and isinstance(v, (int, float)):
                         writer.add_scalar(f"{self.kind}/{k}", v, epoch)
                 writer.flush()
             save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
-            save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
             write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
+            write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
+            # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
+            # files above (one epoch ahead at most) are rewritten with the same content.
+            save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
             print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "
                   f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "

@@ -10,7 +10,6 @@ The paper's recipe (``--recipe paper``) uses Adam, batch 64, dropout and a linea
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from models.mtl import MtlLearner
 from trainer.base import BaseTrainer, log_dir_pre, scheduled_lr
 from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
-from utils.gpu_tools import autocast, to_device
+from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
 from utils.misc import Averager, Timer, mean_ci
 
 
@@ -84,8 +83,11 @@ class PreTrainer(BaseTrainer):
         self.val_episodes = self.fixed_val_episodes(self.val_set, a.num_val_episodes, a.val_query)
         self.model = MtlLearner(a.backbone, "pre", way=a.way, num_classes=self.train_set.num_classes,
                                 pre_head=a.pre_head, dropout_keep=a.pre_dropout_keep).to(self.device)
-        if a.channels_last and self.device.type == "cuda":
+        if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
+        # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save
+        # self.model's own state dict, so their keys stay plain, and validation uses the uncompiled encoder.
+        self.train_encoder = maybe_compile(self.model.encoder, self.device, a.compile)
         params = [{"params": self.model.encoder.parameters()}, {"params": self.model.pre_fc.parameters()}]
         if a.pre_optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=a.pre_lr, momentum=a.pre_custom_momentum, nesterov=True,
@@ -96,6 +98,10 @@ class PreTrainer(BaseTrainer):
         self.head_w, self.head_b = init_head(a.way, self.model.encoder.out_dim, a.eval_seed)
         self.labels_t = torch.from_numpy(self.train_set.labels.astype(np.int64))
 
+    def iterations_per_epoch(self) -> int:
+        a = self.args
+        return a.pre_iters_per_epoch or -(-len(self.train_set.labels) // a.pre_batch_size)
+
     def set_lr(self, epoch: int) -> dict[str, float]:
         a = self.args
         lr = scheduled_lr(a.pre_lr, epoch, a.pre_step_size, a.pre_gamma)
@@ -103,32 +109,44 @@ class PreTrainer(BaseTrainer):
             g["lr"] = lr
         return {"lr": lr}
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def load_batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data half of a step: gather the images (from memory or the memmapped cache), copy them to the
+        device (pinned, non-blocking on CUDA), augment there. Returns x (B, 3, S, S) float, y (B,) long."""
         a = self.args
+        x = to_device(torch.from_numpy(self.train_set.images[idx]), self.device)
+        y = self.labels_t[idx].to(self.device, non_blocking=True)
+        x = self.data.train_transform(x, generator=self.aug_gen)
+        return to_channels_last(x, self.device, a.channels_last), y
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """The compute half of a step: forward, cross-entropy, backward, optimizer step.
+        Returns the loss and the batch accuracy (one device sync for both)."""
+        encoder = getattr(self, "train_encoder", None)
+        encoder = self.model.encoder if encoder is None else encoder
+        with autocast(self.device, self.args.amp):
+            logits = self.model.pre_fc(encoder(x))  # = self.model.forward_pre(x), through the compiled encoder
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lv, acc = torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean()]).tolist()
+        return lv, acc
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         loss_avg, acc_avg, timer = Averager(), Averager(), Timer()
         batches = self.stream.epoch()
-        for idx in tqdm(batches, desc=f"pre-train epoch {epoch}", disable=not self.progress, leave=False):
+        for it, idx in enumerate(tqdm(batches, desc=f"pre-train epoch {epoch}", disable=not self.progress,
+                                      leave=False)):
             timer.start("data")
-            x = to_device(torch.from_numpy(self.train_set.images[idx]), self.device)
-            y = self.labels_t[idx].to(self.device)
-            x = self.data.train_transform(x, generator=self.aug_gen)
-            if a.channels_last and self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = self.load_batch(idx)
             timer.stop("data")
             timer.start("compute")
-            with autocast(self.device, a.amp):
-                logits = self.model.forward_pre(x)
-                loss = F.cross_entropy(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            lv = loss.item()
+            lv, acc = self.train_step(x, y)
             timer.stop("compute")
-            if not math.isfinite(lv):
-                return {"train_loss": lv}
+            self.check_loss(lv, epoch, it + 1, len(batches))
             loss_avg.add(lv, len(y))
-            acc_avg.add((logits.argmax(1) == y).float().mean().item(), len(y))
+            acc_avg.add(acc, len(y))
         return {"train_loss": loss_avg.item(), "train_acc": acc_avg.item(),
                 "data_time": timer.seconds.get("data", 0.0), "compute_time": timer.seconds.get("compute", 0.0)}
 

@@ -56,8 +56,12 @@ def load_checkpoint(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {first[:160]})")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's message starts with a paragraph on the weights_only default; the line naming the refused
+        # global ("Trying to load unsupported GLOBAL posix.system ...") is the one that says what is wrong.
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln),
+                      lines[0] if lines else type(e).__name__)
+        raise UserError(f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {detail[:160]})")
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                         f"{type(e).__name__}")

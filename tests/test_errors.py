@@ -1,0 +1,285 @@
+"""Every row of docs/ERRORS.md, run through ``main.py``: one ``error: ...`` line on stderr, the documented exit
+code, no traceback, and nothing already saved in the log folder changed.
+
+The table is the source of truth: each row's ID must have a case here (and vice versa), and the row's message
+(``…`` = a part that varies: paths, numbers) must match what ``main.cli`` printed. Most rows run in-process
+(``main.cli(argv)``); the rows in ``SUBPROCESS`` also run as ``python main.py ...`` to prove that no traceback
+reaches stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from tests.helpers import make_folders, make_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "ERRORS.md"
+SUBPROCESS = ("E01", "E11", "E16")
+
+COMMON = ["--dataset", "custom", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper",
+          "--num_val_episodes", "10", "--num_test_episodes", "10", "--seed", "1", "--quiet", "--device", "cpu",
+          "--update_step", "3", "--base_lr", "0.1", "--pre_val_update_step", "5"]
+PRE = ["--phase", "pre_train", "--pre_max_epoch", "2", "--pre_batch_size", "48", "--pre_head", "linear",
+       "--pre_optimizer", "adam", "--pre_lr", "0.001"]
+META = ["--phase", "meta_train", "--max_epoch", "1", "--num_batch", "3"]
+EVAL = ["--phase", "meta_eval"]
+PRE_DIR = "pre/custom_conv4"
+META_DIR = "meta/custom_conv4_5way1shot_exp1"
+
+
+# --------------------------------------------------------------------------------------------- the catalogue
+def doc_rows() -> dict[str, tuple[str, int]]:
+    """ID -> (message pattern, exit code) from the table in docs/ERRORS.md."""
+    rows = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*(E\d+)\s*\|", line)
+        if not m:
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        msg, code = cells[-2], cells[-1]
+        assert msg.startswith("`") and msg.endswith("`"), line
+        rows[m.group(1)] = (msg[1:-1], int(code))
+    return rows
+
+
+def pattern(msg: str) -> re.Pattern:
+    return re.compile(".*?".join(re.escape(part) for part in msg.split("…")))
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small pack and a log root holding a finished pre-train (2 epochs) and meta-train (1 epoch) run."""
+    base = tmp_path_factory.mktemp("errors")
+    npz = make_npz(str(base / "d.npz"), per_class=20, classes=(10, 6, 6))
+    golden = base / "golden"
+    for phase in (PRE, META):
+        assert main.cli(COMMON + phase + ["--dataset_dir", npz, "--log_root", str(golden)]) == 0
+    return {"base": base, "npz": npz, "golden": golden}
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class Case:
+    """The argv of one row, built in a fresh copy of the finished runs (``self.logs``)."""
+
+    def __init__(self, world, tmp: Path):
+        self.w, self.tmp = world, tmp
+        self.logs = tmp / "logs"
+        shutil.copytree(world["golden"], self.logs)
+        self.npz = world["npz"]
+
+    def argv(self, *extra, data=None) -> list[str]:
+        return COMMON + ["--dataset_dir", str(data or self.npz), "--log_root", str(self.logs)] + list(extra)
+
+    def folders(self, **kw) -> Path:
+        return Path(make_folders(str(self.tmp / "imgs"), size=16, per_class=kw.get("per_class", 4),
+                                 classes=kw.get("classes", (6, 6, 6))))
+
+    def pack_without(self, split: str) -> str:
+        with np.load(self.npz) as z:
+            arrays = {k: z[k] for k in z.files if not k.startswith(split + "_")}
+        path = str(self.tmp / "partial.npz")
+        np.savez(path, **arrays)
+        return path
+
+    def edited_checkpoint(self, edit) -> str:
+        ck = torch.load(self.logs / META_DIR / "max_acc.pth", weights_only=True)
+        edit(ck)
+        path = self.tmp / "edited.pth"
+        torch.save(ck, path)
+        return str(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('MTL_EVIL_MARKER', '/tmp/mtl_evil_marker')}",))
+
+
+def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
+    """The command line of row ``cid`` (setting up its bad input first)."""
+    if cid == "E01":  # missing dataset folder
+        return c.argv(*PRE, data=c.tmp / "no_such_dataset")
+    if cid == "E02":  # missing split folder
+        root = c.folders()
+        shutil.rmtree(root / "val")
+        return c.argv(*PRE, data=root)
+    if cid == "E03":  # missing split in a pack
+        return c.argv(*PRE, data=c.pack_without("val"))
+    if cid == "E04":  # missing pack
+        return c.argv(*PRE, data=c.tmp / "missing.npz")
+    if cid == "E05":  # empty class folder
+        root = c.folders()
+        os.makedirs(root / "val" / "n9999")
+        return c.argv(*PRE, data=root)
+    if cid == "E06":  # a class with fewer images than shot + query
+        return c.argv(*PRE, "--val_query", "25")
+    if cid == "E07":  # way larger than the number of classes
+        return c.argv(*PRE, "--way", "7")
+    if cid == "E08":  # corrupt image file
+        root = c.folders()
+        img = root / "train" / "n0002" / "00009.png"
+        img.write_bytes(img.read_bytes()[:60])
+        return c.argv(*PRE, data=root)
+    if cid == "E09":  # non-image file among the images
+        root = c.folders()
+        (root / "train" / "n0001" / "notes.txt").write_text("not an image\n")
+        return c.argv(*PRE, data=root)
+    if cid == "E10":  # truncated checkpoint
+        src = (c.logs / META_DIR / "max_acc.pth").read_bytes()
+        (c.tmp / "cut.pth").write_bytes(src[: len(src) // 2])
+        return c.argv(*EVAL, "--eval_weights", str(c.tmp / "cut.pth"))
+    if cid == "E11":  # checkpoint of another backbone
+        return c.argv(*EVAL, "--backbone", "resnet12", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"))
+    if cid == "E12":  # missing keys
+        return c.argv(*EVAL, "--eval_weights",
+                      c.edited_checkpoint(lambda ck: ck["encoder"].pop(sorted(ck["encoder"])[0])))
+    if cid == "E13":  # unexpected keys
+        return c.argv(*EVAL, "--eval_weights",
+                      c.edited_checkpoint(lambda ck: ck["encoder"].__setitem__("extra.weight", torch.zeros(3))))
+    if cid == "E14":  # a pickle that would run code
+        marker = c.tmp / "pwned"
+        monkeypatch.setenv("MTL_EVIL_MARKER", str(marker))
+        torch.save({"params": _Evil()}, c.tmp / "evil.pth")
+        c.after = lambda: not marker.exists()
+        return c.argv(*EVAL, "--eval_weights", str(c.tmp / "evil.pth"))
+    if cid == "E15":  # zero shot
+        return c.argv(*META, "--shot", "0")
+    if cid == "E16":  # negative way
+        return c.argv(*META, "--way", "-5")
+    if cid == "E17":  # zero query
+        return c.argv(*META, "--train_query", "0")
+    if cid == "E18":  # zero epochs
+        return c.argv(*PRE[:2], "--pre_max_epoch", "0")
+    if cid == "E19":  # negative epochs
+        return c.argv(*META[:2], "--max_epoch", "-3")
+    if cid == "E20":  # image size too small for the backbone
+        return c.argv(*PRE, "--image_size", "8")
+    if cid == "E21":  # unwritable log folder
+        (c.tmp / "a_file").write_text("x")
+        return COMMON + PRE + ["--dataset_dir", c.npz, "--log_root", str(c.tmp / "a_file" / "logs")]
+    if cid == "E22":  # CUDA requested where there is none
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present")
+        return [a if a != "cpu" else "cuda" for a in c.argv(*PRE)]
+    if cid == "E23":  # loss NaN in epoch 2, after a good epoch 1: resumed run so that epoch 1 was saved before
+        blowup = c.argv(*PRE, "--pre_max_epoch", "3", "--pre_step_size", "1", "--pre_gamma", "1e10",
+                        "--pre_lr", "1e-12", "--pre_optimizer", "sgd", "--pre_label", "blowup")
+        assert main.cli(blowup + ["--stop_after_epoch", "1"]) == 0  # epoch 1 at lr 0.01: fine
+        return blowup + ["--resume"]                                  # epoch 2 at lr 1e8: NaN
+    if cid == "E24":  # loss NaN in the first epoch (no checkpoint of this run yet)
+        return c.argv(*PRE, "--pre_lr", "1e8", "--pre_optimizer", "sgd")
+    if cid == "E25":  # loss NaN in meta-train (inner loop diverges)
+        return c.argv(*META, "--meta_lr1", "1e30")
+    if cid == "E26":  # --resume without a resume checkpoint
+        return c.argv(*PRE, "--resume", "--pre_label", "never_ran")
+    if cid == "E27":  # --resume with a contradicting setting
+        return c.argv(*PRE, "--resume", "--pre_head", "mlp")
+    if cid == "E28":  # truncated resume checkpoint
+        p = c.logs / PRE_DIR / "resume.pth"
+        p.write_bytes(p.read_bytes()[:1000])
+        return c.argv(*PRE, "--resume", "--pre_max_epoch", "3")
+    if cid == "E29":  # meta-train before pre-train
+        return c.argv(*META, "--pre_label", "never_ran")
+    if cid == "E30":  # meta-test before meta-train
+        return c.argv(*EVAL, "--meta_label", "never_ran")
+    if cid == "E31":  # meta checkpoint of another way
+        return c.argv(*EVAL, "--way", "3", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"))
+    if cid == "E32":  # unknown flag
+        return c.argv(*PRE, "--epochs", "3")
+    if cid == "E33":  # CUDA out of memory (simulated: no GPU here)
+        import trainer.pre
+
+        def oom(self, epoch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        monkeypatch.setattr(trainer.pre.PreTrainer, "train_epoch", oom)
+        return c.argv(*PRE)
+    raise KeyError(cid)
+
+
+CASES = [f"E{i:02d}" for i in range(1, 34)]
+
+
+def test_every_row_of_the_catalogue_has_a_case():
+    rows = doc_rows()
+    assert len(rows) >= 15
+    assert sorted(rows) == CASES
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        rc = main.cli(argv)
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def check_output(cid: str, rc: int, err: str) -> None:
+    msg, code = doc_rows()[cid]
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert rc == code != 0, (rc, err)
+    assert pattern(msg).fullmatch(lines[0]), f"\n  doc:    {msg}\n  stderr: {lines[0]}"
+
+
+@pytest.mark.parametrize("cid", CASES)
+def test_bad_input(cid, world, tmp_path, capsys, monkeypatch):
+    c = Case(world, tmp_path)
+    c.after = lambda: True
+    argv = case_argv(cid, c, monkeypatch)
+    before = tree_hashes(c.logs)
+    rc, err = run_cli(argv, capsys)
+    print(f"\n{cid} rc={rc} {err.strip()}", file=sys.__stdout__)
+    check_output(cid, rc, err)
+    after = tree_hashes(c.logs)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not changed, f"files already saved were changed: {changed}"
+    assert not [k for k in after if os.path.basename(k).startswith(".tmp")], after
+    assert c.after()
+
+
+@pytest.mark.parametrize("cid", SUBPROCESS)
+def test_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
+    """The same rows through ``python main.py``: stderr holds the one error line and nothing else."""
+    c = Case(world, tmp_path)
+    argv = case_argv(cid, c, monkeypatch)
+    before = tree_hashes(c.logs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(ROOT / "main.py")] + argv, cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=120)
+    check_output(cid, p.returncode, p.stderr)
+    assert tree_hashes(c.logs) == before
+
+
+def test_every_checkpoint_load_is_weights_only():
+    """No code outside the tests calls ``torch.load`` without ``weights_only=True`` (a pickle cannot run code)."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".git") or "site-packages" in rel.parts:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if re.search(r"\btorch\.load\(", line) and "weights_only=True" not in line and "``" not in line:
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert not offenders, offenders
