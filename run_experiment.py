@@ -71,20 +71,48 @@ META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained mod
 
 # DEMO: the same code path, sized for 2 CPU cores and the embedded glyph pack (data/glyphs100.npz).
 DEMO = {
-    "dataset_dir": "data/glyphs100.npz", "log_root": os.path.join(LOG_DIR, "demo"), "backbone": "resnet12_slim",
-    "image_size": 32, "preprocess": "paper", "pre_augment": "off",
-    "pre_max_epoch": 8, "pre_batch_size": 64, "pre_lr": 0.1, "pre_step_size": 6, "pre_gamma": 0.1,
-    "pre_head": "linear", "num_val_episodes": 200,
-    "max_epoch": 4, "num_batch": 25, "meta_batch_size": 1, "update_step": 20, "base_lr": 0.1,
-    "meta_lr1": 1e-3, "meta_lr2": 1e-3, "step_size": 10, "train_query": 10, "val_query": 15,
-    "num_test_episodes": 600, "seed": 1,
+    "dataset_dir": "data/glyphs100.npz", "log_root": os.path.join(LOG_DIR, "demo"), "backbone": "conv4",
+    "image_size": 32, "preprocess": "paper", "pre_augment": "off", "seed": 1,
+    # pre-train: Adam, 8 passes over the 64 base classes (3,840 images), lr x0.1 after epoch 5
+    "pre_optimizer": "adam", "pre_lr": 0.001, "pre_custom_weight_decay": 0.0, "pre_batch_size": 64,
+    "pre_max_epoch": 8, "pre_step_size": 6, "pre_gamma": 0.1, "pre_head": "linear", "num_val_episodes": 200,
+    # meta-train: 12 x 25 tasks per shot, first order, 20 inner steps (100 at test, as the paper) at lr 0.1
+    "max_epoch": 12, "num_batch": 25, "meta_batch_size": 1, "train_query": 5, "update_step": 20,
+    "test_update_step": 100, "base_lr": 0.1, "meta_lr1": 0.001, "meta_lr2": 0.001, "step_size": 10,
+    "val_query": 15, "num_test_episodes": 600,
 }
 
 # DEMO --smoke (CI): the same commands, shortened, under their own log folder.
 DEMO_SMOKE = {"log_root": os.path.join(LOG_DIR, "demo_smoke"), "pre_max_epoch": 1, "max_epoch": 1, "num_batch": 3,
               "num_val_episodes": 20, "num_test_episodes": 50}
 
-MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH")
+# ABLATION (issue #6): the five rows of the ablation on the ~1,000-class glyph benchmark (split by script), sized for
+# 2 CPU cores (about an hour): one pre-training shared by every row, then for 1 and 5 shots: FT baseline,
+# nearest class mean, MTL (SS, first order), MTL + HT, MTL from scratch; all tested on the same fixed episodes.
+# The choices and why: docs/RESULTS.md. Each sub-dict is main.py flags (True = a bare flag).
+ABLATION = {
+    "benchmark": "data/glyphs1k", "benchmark_seed": 0,  # python -m data_generator.glyphs benchmark ... --ensure
+    "shots": (1, 5), "scratch_row": True, "report_dir": "docs/results", "log_root": os.path.join(LOG_DIR, "ablation"),
+    "common": {"dataset": "glyphs", "dataset_dir": "data/glyphs1k.npz", "backbone": "conv4", "image_size": 32,
+               "preprocess": "paper", "way": 5, "seed": 1, "eval_seed": 1, "val_query": 15,
+               "num_val_episodes": 600, "update_step": 50, "base_lr": 0.1, "inner_loss": "mean", "quiet": True},
+    "pre": {"pre_optimizer": "adam", "pre_lr": 1e-3, "pre_batch_size": 64, "pre_max_epoch": 6, "pre_step_size": 4,
+            "pre_gamma": 0.5, "pre_head": "linear", "pre_augment": "off", "pre_dropout_keep": 1.0,
+            "pre_custom_weight_decay": 0.0, "pre_val_update_step": 50, "pre_val_base_lr": 0.1},
+    "meta": {"max_epoch": 10, "num_batch": 10, "meta_batch_size": 5, "meta_lr1": 1e-3, "meta_lr2": 1e-3,
+             "step_size": 100, "gamma": 0.5, "train_query": 10, "first_order": True, "meta_label": "ss"},
+    "ht": {"hard_task": True, "ht_normal_tasks": 5, "ht_hard_tasks": 1, "ht_update": "separate", "ht_start_epoch": 1},
+    "scratch": {"init_weights": "scratch", "meta_label": "scratch"},
+    "test": {"num_test_episodes": 2000, "test_update_step": 50},
+}
+
+# ABLATION --smoke: the same commands, tiny, under their own folders (a wiring check of a few minutes).
+ABLATION_SMOKE = {"log_root": os.path.join(LOG_DIR, "ablation_smoke"),
+                  "report_dir": os.path.join(LOG_DIR, "ablation_smoke", "report"),
+                  "pre": {"pre_max_epoch": 1, "pre_iters_per_epoch": 20}, "meta": {"max_epoch": 2, "num_batch": 2},
+                  "common": {"num_val_episodes": 50}, "test": {"num_test_episodes": 100}}
+
+MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLATION")
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -216,6 +244,79 @@ def demo(dry: bool, smoke: bool = False) -> None:
     print(f"summary written to {os.path.join(root, 'summary.json')}")
 
 
+def ablation_settings(smoke: bool = False) -> dict:
+    """ABLATION with (``smoke``) ABLATION_SMOKE merged in, one level deep."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ABLATION.items()}
+    if smoke:
+        for k, v in ABLATION_SMOKE.items():
+            out[k] = {**out[k], **v} if isinstance(v, dict) else v
+    return out
+
+
+def _flags(*dicts: dict) -> list[str]:
+    """main.py flags from dicts of settings (later dicts win; True = a bare flag, False / None = left out)."""
+    merged: dict = {}
+    for d in dicts:
+        merged.update(d)
+    out = []
+    for k, v in merged.items():
+        if v is True:
+            out.append(f"--{k}")
+        elif v is not False and v is not None:
+            out += [f"--{k}", str(v)]
+    return out
+
+
+def ablation_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
+    """ABLATION: ensure the benchmark, pre-train once, then per shot: test rows 1-2 on the pre-trained backbone,
+    meta-train and test rows 3 (MTL), 4 (MTL + HT) and 5 (MTL from scratch); the report comes last."""
+    a = ablation_settings(smoke)
+    c = {**a["common"], "log_root": a["log_root"], "device": DEVICE}
+    pre_dir = os.path.join(a["log_root"], "pre", f"{c['dataset']}_{c['backbone']}")
+    pre_ckpt = os.path.join(pre_dir, "max_acc.pth")  # the pre-train epoch with the best validation accuracy
+    out = [("benchmark", [sys.executable, "-m", "data_generator.glyphs", "benchmark", "--out", a["benchmark"],
+                          "--seed", str(a["benchmark_seed"]), "--ensure"]),
+           ("pre-train", main_cmd("pre_train", _flags(c, a["pre"])))]
+    for shot in a["shots"]:
+        s = {"shot": shot}
+        test = _flags(c, a["meta"], a["test"], s)
+        out.append((f"{shot}-shot row 1 FT", main_cmd("meta_eval", test + ["--eval_weights", pre_ckpt])))
+        out.append((f"{shot}-shot row 2 nearest mean", main_cmd("meta_eval", test + ["--eval_weights", pre_ckpt,
+                                                                                     "--eval_classifier", "centroid"])))
+        rows = [("row 3 MTL", {"init_weights": pre_ckpt}), ("row 4 MTL+HT", {"init_weights": pre_ckpt, **a["ht"]})]
+        if a["scratch_row"]:
+            rows.append(("row 5 MTL scratch", a["scratch"]))
+        for name, extra in rows:
+            out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s))))
+            out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s))))
+    out.append(("report", [sys.executable, "-m", "utils.report", "--log_root", a["log_root"], "--dataset",
+                           c["dataset"], "--backbone", c["backbone"], "--way", str(c["way"]), "--shots",
+                           *[str(s) for s in a["shots"]], "--label", a["meta"]["meta_label"], "--scratch_label",
+                           a["scratch"]["meta_label"], "--out", a["report_dir"]]))
+    return out
+
+
+def ablation(dry: bool, smoke: bool = False) -> None:
+    """Run the ablation's commands in order (each printed first), time them into
+    ``<log_root>/ablation_timing.json`` (the report records it), then the report."""
+    import time
+    cmds = ablation_commands(smoke)
+    root = ablation_settings(smoke)["log_root"]
+    t_start, steps = time.perf_counter(), []
+    for name, cmd in cmds:
+        if name == "report" and not dry:
+            os.makedirs(root, exist_ok=True)
+            with open(os.path.join(root, "ablation_timing.json"), "w") as fh:
+                json.dump({"wall_s": round(time.perf_counter() - t_start, 1), "cpu_count": os.cpu_count(),
+                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "steps": steps}, fh, indent=1)
+        t0 = time.perf_counter()
+        run(cmd, dry)
+        steps.append({"step": name, "seconds": round(time.perf_counter() - t0, 1)})
+        if not dry:
+            print(f"[ABLATION] {name}: {steps[-1]['seconds']:.0f} s (total {time.perf_counter() - t_start:.0f} s)",
+                  flush=True)
+
+
 def usage(msg: str) -> None:
     print(f"error: {msg}\nusage: python run_experiment.py MODE [--recipe paper|pytorch] [--dry_run] [--full] [--smoke]\n"
           f"modes: {', '.join(MODES)}", file=sys.stderr)
@@ -237,6 +338,8 @@ def cli(argv: list[str]) -> None:
         recipe = opts[i + 1]
     if mode == "DEMO":
         demo(dry, smoke="--smoke" in opts)
+    elif mode == "ABLATION":
+        ablation(dry, smoke="--smoke" in opts)
     elif mode == "BENCH":
         cmd = [sys.executable, "-m", "utils.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
         if "--full" in opts:
