@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
     from utils.gpu_tools import set_gpu
     set_gpu(args.gpu)
-    import torch  # after CUDA_VISIBLE_DEVICES is set
+    # (CUDA is initialised lazily, on first use, so CUDA_VISIBLE_DEVICES set here still applies)
     from utils.gpu_tools import pick_device
     from utils.misc import resolve_seed, seed_everything
 

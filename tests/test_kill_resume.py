@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tests.helpers import make_npz
-from tests.trainer.test_resume import assert_same_run, tb_scalars, trlog
+from tests.trainer.test_resume import assert_same_run, tb_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4

@@ -27,7 +27,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from data_generator.dataset_loader import ImageSet
 

@@ -20,33 +20,21 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.misc import atomic_write
 
 FORMAT = "mtl-pytorch/1"
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
-    moment leaves either the old file or the new one, never a truncated one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through a temporary file and ``os.replace`` (:func:`utils.misc.atomic_write`): a crash at
+    any moment leaves either the old checkpoint or the new one, never a truncated one."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path: str) -> dict:

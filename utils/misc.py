@@ -11,7 +11,7 @@ import os
 import random
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -112,14 +112,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` so readers never see half a file."""
+def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
+    moment leaves either the old file or the new one, never half a file. ``write`` gets the open file."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -127,6 +128,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1))
 
 
 def format_acc(mean: float, ci: float) -> str:
