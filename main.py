@@ -15,6 +15,8 @@ from utils.errors import UserError
 def validate_args(args) -> None:
     """Checks that need more than one flag, or the backbone registry."""
     from models.resnet_mtl import min_image_size
+    if args.way < 2:
+        raise UserError(f"--way {args.way}: a few-shot task needs at least 2 classes")
     if args.image_size < min_image_size(args.backbone):
         raise UserError(f"--image_size {args.image_size} is too small for --backbone {args.backbone} "
                         f"(at least {min_image_size(args.backbone)} px)")
