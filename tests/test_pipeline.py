@@ -58,3 +58,40 @@ def test_ft_baseline_and_centroid_on_pretrained_checkpoint(run_dirs, capsys):
     nc = json.load(open(os.path.join(pre_dir, "results_pretrained_centroid_5way1shot.json")))
     assert ft["method"] == "pretrained" and nc["method"] == "pretrained+centroid"
     assert ft["mean"] > 35 and nc["mean"] > 35
+
+
+def _official_meta_checkpoint(path, way=5, seed=0):
+    """A checkpoint in the official PyTorch meta phase's layout: {'params': MtlLearner.state_dict()} with the
+    encoder under 'encoder.' and the base learner as fc1_w / fc1_b plus their aliases vars.0 / vars.1."""
+    import torch
+    from models.resnet_mtl import build_backbone
+    torch.manual_seed(seed)
+    enc = build_backbone("resnet25", mtl=True)
+    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    w, b = torch.randn(way, 640) * 0.05, torch.zeros(way)
+    sd.update({"base_learner.fc1_w": w, "base_learner.fc1_b": b, "base_learner.vars.0": w, "base_learner.vars.1": b})
+    torch.save({"params": sd}, path)
+    return path
+
+
+def test_official_pytorch_checkpoints_load_through_main(tmp_path, capsys):
+    import torch
+    from models.resnet_mtl import build_backbone
+    data = make_folders(str(tmp_path / "data"), size=16, per_class=8, classes=(6, 5, 5))
+    common = ["--dataset", "custom", "--backbone", "resnet25", "--image_size", "16", "--preprocess", "pytorch",
+              "--dataset_dir", data, "--log_root", str(tmp_path / "logs"), "--quiet", "--val_query", "3",
+              "--num_test_episodes", "20", "--num_val_episodes", "5", "--update_step", "3", "--seed", "1"]
+    meta_ck = _official_meta_checkpoint(str(tmp_path / "official_meta.pth"))
+    assert main.cli(["--phase", "meta_eval", "--eval_weights", meta_ck] + common) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    # the official pre-train phase saves the plain encoder's state dict
+    pre_ck = str(tmp_path / "official_pre.pth")
+    torch.save({"params": build_backbone("resnet25", mtl=False).state_dict()}, pre_ck)
+    assert main.cli(["--phase", "meta_train", "--init_weights", pre_ck, "--max_epoch", "1", "--num_batch", "1",
+                     "--train_query", "2"] + common) == 0
+    assert "meta-train starts from" in capsys.readouterr().out
+    # the same checkpoint with another backbone: one clear line naming the mismatch, exit 2
+    assert main.cli(["--phase", "meta_eval", "--eval_weights", meta_ck] + common[:2] + ["--backbone", "resnet12"]
+                    + common[4:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "does not fit the model" in err and err.count("\n") == 1
