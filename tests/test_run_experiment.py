@@ -106,7 +106,7 @@ def test_iteration_constants_must_divide(monkeypatch):
 def test_unknown_or_missing_mode(argv):
     p = subprocess.run([sys.executable, "run_experiment.py"] + argv, capture_output=True, text=True)
     assert p.returncode == 2
-    assert "modes: PRE, META, TEST, META_LOAD, TEST_LOAD, DEMO, BENCH" in p.stderr
+    assert "modes: PRE, META, TEST, META_LOAD, TEST_LOAD, DEMO, BENCH, ABLATION" in p.stderr
     assert "Traceback" not in p.stderr
 
 

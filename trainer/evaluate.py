@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -112,9 +111,10 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
 def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
                       shot: int, init_w: torch.Tensor, init_b: torch.Tensor, steps: int, lr: float,
                       device: torch.device, classifier: str = "finetune", loss_scale: float = 1.0,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False, amp: bool = False) -> np.ndarray:
     """The per-episode reference path: each episode's images go through the encoder (eval mode) and the
-    inner loop runs with autograd, one episode at a time.
+    inner loop runs with autograd, one episode at a time. ``amp``: the encoder runs under
+    :func:`utils.gpu_tools.autocast` and its features are cast back to float32, as in :func:`encode_split`.
 
     Returns:
         ``(E,)`` query accuracies in [0, 1].
@@ -125,9 +125,9 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
     accs = []
     for ep in tqdm(episodes, desc="episodes", disable=not progress, leave=False):
         x = transform(to_device(torch.from_numpy(np.ascontiguousarray(imageset.images[ep])), device))
-        with torch.no_grad():
-            f_q = encoder(x[n_s:])
-            f_s = encoder(x[:n_s])
+        with torch.no_grad(), autocast(device, amp):
+            f_q = encoder(x[n_s:]).float()
+            f_s = encoder(x[:n_s]).float()
         with torch.enable_grad():
             logits = _classify(f_s[None], f_q[None], way, shot, init_w, init_b, steps, lr, classifier,
                                loss_scale, order="autograd")

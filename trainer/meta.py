@@ -16,7 +16,6 @@ episodes on the test classes and reports the mean with its 95% interval.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import numpy as np
@@ -26,17 +25,56 @@ from tqdm import tqdm
 
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.meta_data_generator import CategoriesSampler, episode_classes, episode_labels, fixed_episodes
-from models.mtl import MtlLearner
+from models.mtl import MtlLearner, inner_loop
 from models.resnet_mtl import build_backbone
 from trainer.base import BaseTrainer, DataBundle, log_dir_meta, log_dir_pre, scheduled_lr
 from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
 from utils.checkpoint import load_checkpoint, load_strict, read_weights
 from utils.errors import UserError
-from utils.gpu_tools import autocast, to_device
+from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
 from utils.misc import Averager, Timer, format_acc, mean_ci, write_json_atomic
 from utils.options import settings_dict
 
 SS_KEYS = ("mtl_weight", "mtl_bias")
+
+
+def meta_batch_forward(model: MtlLearner, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor,
+                       update_step: int, base_lr: float, second_order: bool = False, loss_scale: float = 1.0,
+                       encoder: torch.nn.Module | None = None) -> torch.Tensor:
+    """:meth:`models.mtl.MtlLearner.meta_forward` for the T tasks of a meta-batch at once (Alg. 2 lines 3-6).
+
+    Each task's query and support go through the encoder as separate forward passes, task after task and query
+    before support (the official order), so train-mode BN uses the same batch statistics and updates its running
+    statistics in the same order as T calls of ``meta_forward``; first order encodes the support without a graph.
+    Then one batched :func:`models.mtl.inner_loop` adapts the T copies of theta (the closed-form gradient in first
+    order, ``create_graph`` autograd in second order; the tasks' losses are independent, so this is exact), and
+    each task's query is classified at its own theta_T. ``tests/trainer/test_speed_paths.py`` checks that the
+    query losses and every gradient equal the per-task loop and a straightforward autograd implementation.
+
+    Args:
+        model: the meta-mode learner (its ``base_learner`` is theta's initialisation).
+        x_s: (T, way*shot, 3, S, S) support images; y_s: (way*shot,) labels in [0, way), the same for every task.
+        x_q: (T, n_q, 3, S, S) query images.
+        encoder: the module that encodes the images (default ``model.encoder``; the trainer passes the
+            ``torch.compile`` wrapper of the same encoder under ``--compile``).
+    Returns:
+        (T, n_q, way) query logits.
+    """
+    enc = model.encoder if encoder is None else encoder
+    t = x_s.shape[0]
+    emb_q, emb_s = [], []
+    for i in range(t):
+        emb_q.append(enc(x_q[i]))  # official order: query first, then support
+        if second_order:
+            emb_s.append(enc(x_s[i]))
+        else:
+            with torch.no_grad():
+                emb_s.append(enc(x_s[i]))
+    w0 = model.base_learner.weight.unsqueeze(0).expand(t, -1, -1)
+    b0 = model.base_learner.bias.unsqueeze(0).expand(t, -1)
+    w_t, b_t = inner_loop(torch.stack(emb_s), y_s.unsqueeze(0).expand(t, -1), w0, b0, update_step, base_lr,
+                          order="second" if second_order else "first", loss_scale=loss_scale)
+    return torch.stack([F.linear(q, w.to(q.dtype), b.to(q.dtype)) for q, w, b in zip(emb_q, w_t, b_t)])
 
 
 def default_pre_checkpoint(args: argparse.Namespace) -> str:
@@ -65,6 +103,7 @@ class MetaTrainer(BaseTrainer):
         super().__init__(args, device, log_dir_meta(args))
         self.max_epoch = args.max_epoch
         self.loss_scale = inner_loss_scale(args)
+        self.position = (0, 0, args.num_batch)  # (epoch, iteration in the epoch, iterations per epoch)
 
     # ----------------------------------------------------------------- setup
     def build(self) -> None:
@@ -75,6 +114,11 @@ class MetaTrainer(BaseTrainer):
         self.val_episodes = self.fixed_val_episodes(self.val_set, a.num_val_episodes, a.val_query)
         self.model = MtlLearner(a.backbone, "meta", way=a.way).to(self.device)
         self.load_pretrained()
+        if use_channels_last(self.device, a.channels_last):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # --compile (CUDA): a compiled view of the encoder for the training steps only; checkpoints save
+        # self.model's own state dict, so their keys stay plain, and validation uses the uncompiled encoder.
+        self.train_encoder = maybe_compile(self.model.encoder, self.device, a.compile)
         ss_bn, head = self.model.meta_parameters()
         self.optimizer = torch.optim.Adam([{"params": ss_bn, "lr": a.meta_lr1},
                                            {"params": head, "lr": a.meta_lr2}])
@@ -88,6 +132,9 @@ class MetaTrainer(BaseTrainer):
 
     def load_pretrained(self) -> None:
         a = self.args
+        if a.init_weights == "scratch":  # the paper's "no pre-training" ablation: SS on a random backbone
+            print(f"meta-train starts from a randomly initialised {a.backbone} (--init_weights scratch)", flush=True)
+            return
         path = a.init_weights or default_pre_checkpoint(a)
         if not os.path.isfile(path):
             raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
@@ -100,6 +147,9 @@ class MetaTrainer(BaseTrainer):
         if kind == "meta":  # continue from meta-trained weights (e.g. META_LOAD with downloaded weights)
             load_strict(self.model.base_learner, head, f"base learner of {path}")
         print(f"meta-train starts from {path} ({kind})", flush=True)
+
+    def iterations_per_epoch(self) -> int:
+        return self.args.num_batch
 
     def set_lr(self, epoch: int) -> dict[str, float]:
         a = self.args
@@ -117,22 +167,40 @@ class MetaTrainer(BaseTrainer):
         Returns:
             the query loss and the per-class query accuracy ``(way,)`` in episode label order.
         """
+        return self.run_tasks([episode], weight, timer)[0]
+
+    def run_tasks(self, episodes: list[np.ndarray], weight: float, timer: Timer) -> list[tuple[float, np.ndarray]]:
+        """Alg. 2 for the tasks of a meta-batch together (:func:`meta_batch_forward`): one image gather and
+        transform, per-task encoder passes, one batched inner loop, and one backward of
+        ``weight * sum of the query losses`` (the same gradients as one backward per task).
+
+        Returns:
+            per task, the query loss and the per-class query accuracy ``(way,)`` in episode label order.
+        """
         a = self.args
-        n_s = a.way * a.shot
+        t, n_s, n_q = len(episodes), a.way * a.shot, a.way * a.train_query
         timer.start("data")
-        x = self.data.eval_transform(to_device(torch.from_numpy(self.train_set.images[episode]), self.device))
+        idx = np.concatenate([np.asarray(ep) for ep in episodes])
+        x = self.data.eval_transform(to_device(torch.from_numpy(self.train_set.images[idx]), self.device))
+        x = to_channels_last(x, self.device, a.channels_last).view(t, n_s + n_q, *x.shape[1:])
         y_s = episode_labels(a.way, a.shot).to(self.device)
         y_q = episode_labels(a.way, a.train_query).to(self.device)
         timer.stop("data")
         timer.start("compute")
+        encoder = getattr(self, "train_encoder", None)
         with autocast(self.device, a.amp):
-            logits = self.model.meta_forward(x[:n_s], y_s, x[n_s:], a.update_step, a.base_lr,
-                                             second_order=a.second_order, loss_scale=self.loss_scale)
-        loss = F.cross_entropy(logits.float(), y_q)
-        (loss * weight).backward()
-        correct = (logits.argmax(1) == y_q).float().view(a.train_query, a.way).mean(0)
+            logits = meta_batch_forward(self.model, x[:, :n_s], y_s, x[:, n_s:], a.update_step, a.base_lr,
+                                        second_order=a.second_order, loss_scale=self.loss_scale,
+                                        encoder=encoder)
+        losses = F.cross_entropy(logits.float().reshape(t * n_q, -1), y_q.repeat(t), reduction="none")
+        losses = losses.view(t, n_q).mean(1)                                      # (T,) per-task query CE
+        (losses.sum() * weight).backward()
+        correct = (logits.argmax(-1) == y_q).float().view(t, a.train_query, a.way).mean(1)   # (T, way)
         timer.stop("compute")
-        return loss.item(), correct.cpu().numpy()
+        values, correct = losses.tolist(), correct.cpu().numpy()
+        for lv in values:
+            self.check_loss(lv, *self.position)  # normal and hard tasks alike: stop before any outer step
+        return [(lv, c) for lv, c in zip(values, correct)]
 
     def outer_step(self) -> None:
         """Eq. 4-5: one Adam step on the accumulated query-loss gradients."""
@@ -147,13 +215,11 @@ class MetaTrainer(BaseTrainer):
         for it in tqdm(range(a.num_batch), desc=f"meta-train epoch {epoch}", disable=not self.progress,
                        leave=False):
             iteration = (epoch - 1) * a.num_batch + it + 1
+            self.position = (epoch, it + 1, a.num_batch)
             use_ht = self.hard is not None and epoch >= a.ht_start_epoch
             n_tasks = self.hard.normal_tasks if use_ht else a.meta_batch_size
-            for _ in range(n_tasks):
-                ep = self.sampler.sample()
-                loss, per_class = self.run_task(ep, 1.0 / n_tasks, timer)
-                if not math.isfinite(loss):
-                    return {"train_loss": loss}
+            episodes = [self.sampler.sample() for _ in range(n_tasks)]
+            for ep, (loss, per_class) in zip(episodes, self.run_tasks(episodes, 1.0 / n_tasks, timer)):
                 loss_avg.add(loss)
                 acc_avg.add(float(per_class.mean()))
                 if use_ht:
@@ -174,7 +240,7 @@ class MetaTrainer(BaseTrainer):
         if a.eval_mode == "episodic":
             accs = evaluate_episodic(self.model.encoder, self.val_set, self.data.eval_transform, self.val_episodes,
                                      a.way, a.shot, w, b, a.update_step, a.base_lr, self.device,
-                                     loss_scale=self.loss_scale, progress=self.progress)
+                                     loss_scale=self.loss_scale, progress=self.progress, amp=a.amp)
         else:
             feats = encode_split(self.model.encoder, self.val_set, self.data.eval_transform, self.device,
                                  a.eval_batch_size, a.amp, self.progress, desc="encode val")
@@ -245,7 +311,8 @@ def meta_eval(args: argparse.Namespace, device: torch.device) -> dict:
     progress = not args.quiet
     if args.eval_mode == "episodic":
         accs = evaluate_episodic(encoder, test_set, data.eval_transform, episodes, args.way, args.shot, w, b,
-                                 args.test_update_step, args.base_lr, device, args.eval_classifier, scale, progress)
+                                 args.test_update_step, args.base_lr, device, args.eval_classifier, scale, progress,
+                                 amp=args.amp)
     else:
         feats = encode_split(encoder, test_set, data.eval_transform, device, args.eval_batch_size, args.amp,
                              progress, desc="encode test")

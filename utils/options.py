@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--update_step", type=positive_int, default=50, help="inner-loop steps in meta-train and validation")
     a("--step_size", type=positive_int, default=10, help="meta lr decays every step_size epochs")
     a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
-    a("--init_weights", default=None, help="pre-trained encoder checkpoint for meta_train")
+    a("--init_weights", default=None,
+      help="pre-trained encoder checkpoint for meta_train ('scratch': a random backbone, the no-pre-training ablation)")
     a("--eval_weights", default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)")
     a("--meta_label", default="exp1", help="suffix of the meta-train log folder")
     a("--pre_max_epoch", type=positive_int, default=100)

@@ -1,0 +1,56 @@
+"""The benchmark runs end to end in its tiny configuration and writes every key the issue asks for."""
+import json
+import os
+
+from tests.helpers import make_npz
+from utils.benchmark import RESULT_KEYS, main
+
+
+def test_benchmark_tiny_writes_all_keys(tmp_path):
+    pack = make_npz(str(tmp_path / "glyphs.npz"), size=32, per_class=16, classes=(6, 6, 6))
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--tiny", "--glyph_pack", pack, "--threads", "1"])
+    with open(out / "benchmark.json") as f:
+        saved = json.load(f)
+    for k in RESULT_KEYS + ("loader_to_pretrain_ratio", "bank_equals_episodic", "glyph_bank_speedup", "settings",
+                            "machine", "loadavg_start", "loadavg_end"):
+        assert k in saved, k
+    for k in RESULT_KEYS:
+        assert isinstance(saved[k], float) and saved[k] > 0, k
+    assert saved["bank_equals_episodic"] is True and saved["glyphs"]["episodes_equal"] == 2
+    assert saved["precisions"]["fp32"]["meta_test"]["bank_equals_episodic"] is True
+    assert saved["settings"]["backbone"] == "resnet12_slim" and len(saved["loadavg_start"]) == 3
+    assert res["config"] == "cpu-default-tiny"
+    table = (out / "benchmark.md").read_text()
+    assert "backbone fraction of matmul peak" in table and "glyphs: bank speedup" in table
+    assert not os.path.exists(out / "work")  # the generated data is removed
+
+
+def test_benchmark_full_config_dry_run_on_cpu(tmp_path):
+    """--full (the GPU configuration) with tiny sizes: every row (bf16, channels_last, compile) runs through its
+    code on the CPU, where autocast / channels_last / compile are no-ops."""
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--full", "--tiny", "--skip_glyphs", "--threads", "1", "--device", "cpu"])
+    assert res["config"] == "gpu-full-tiny"
+    assert set(res["precisions"]) == {"fp32", "bf16"}
+    assert "pretrain_channels_last" in res["precisions"]["bf16"] and "pretrain_compiled" in res["precisions"]["bf16"]
+    assert "glyphs" not in res and res["parts"] == ["main"]
+    assert "| bf16 + compile |" in (out / "benchmark.md").read_text()
+
+
+def test_full_without_gpu_is_refused(tmp_path):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no GPU is available"):
+        main(["--out", str(tmp_path / "b"), "--full"])
+    assert not (tmp_path / "b").exists()
+
+
+def test_benchmark_parts(tmp_path):
+    pack = make_npz(str(tmp_path / "glyphs.npz"), size=32, per_class=16, classes=(6, 6, 6))
+    res = main(["--out", str(tmp_path / "b"), "--tiny", "--parts", "glyphs,official", "--glyph_pack", pack,
+                "--threads", "1"])
+    assert "precisions" not in res and res["glyphs"]["episodes_equal"] == 2
+    assert res["official_resnet25"]["val_episode_s_episodic"] > 0
