@@ -38,8 +38,6 @@ the FLOP rate of a dense square fp32 matmul measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import resource
@@ -449,7 +447,6 @@ def bench_official(b: Bench, cfg: dict, log_root: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ runner
 def run(opts: argparse.Namespace) -> dict[str, Any]:
-    from data_generator.transforms import BatchTransform
     from utils.gpu_tools import pick_device
     from utils.misc import write_json_atomic
 
