@@ -156,7 +156,7 @@ class PreTrainer(BaseTrainer):
         if a.eval_mode == "episodic":
             accs = evaluate_episodic(self.model.encoder, self.val_set, self.data.eval_transform, self.val_episodes,
                                      a.way, a.shot, self.head_w, self.head_b, a.pre_val_update_step,
-                                     a.pre_val_base_lr, self.device, progress=self.progress)
+                                     a.pre_val_base_lr, self.device, progress=self.progress, amp=a.amp)
         else:
             feats = encode_split(self.model.encoder, self.val_set, self.data.eval_transform, self.device,
                                  a.eval_batch_size, a.amp, self.progress, desc="encode val")
