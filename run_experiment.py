@@ -95,15 +95,15 @@ ABLATION = {
     "shots": (1, 5), "scratch_row": True, "report_dir": "docs/results", "log_root": os.path.join(LOG_DIR, "ablation"),
     "common": {"dataset": "glyphs", "dataset_dir": "data/glyphs1k.npz", "backbone": "conv4", "image_size": 32,
                "preprocess": "paper", "way": 5, "seed": 1, "eval_seed": 1, "val_query": 15,
-               "num_val_episodes": 600, "update_step": 50, "base_lr": 0.1, "inner_loss": "mean", "quiet": True},
-    "pre": {"pre_optimizer": "adam", "pre_lr": 1e-3, "pre_batch_size": 64, "pre_max_epoch": 6, "pre_step_size": 4,
-            "pre_gamma": 0.5, "pre_head": "linear", "pre_augment": "off", "pre_dropout_keep": 1.0,
-            "pre_custom_weight_decay": 0.0, "pre_val_update_step": 50, "pre_val_base_lr": 0.1},
-    "meta": {"max_epoch": 10, "num_batch": 10, "meta_batch_size": 5, "meta_lr1": 1e-3, "meta_lr2": 1e-3,
-             "step_size": 100, "gamma": 0.5, "train_query": 10, "first_order": True, "meta_label": "ss"},
+               "num_val_episodes": 600, "update_step": 100, "base_lr": 0.1, "inner_loss": "mean", "quiet": True},
+    "pre": {"pre_optimizer": "adam", "pre_lr": 1e-3, "pre_batch_size": 64, "pre_max_epoch": 12, "pre_step_size": 5,
+            "pre_gamma": 0.5, "pre_head": "linear", "pre_augment": "off", "pre_dropout_keep": 0.9,
+            "pre_custom_weight_decay": 5e-4, "pre_val_update_step": 100, "pre_val_base_lr": 0.1},
+    "meta": {"max_epoch": 12, "num_batch": 50, "meta_batch_size": 5, "meta_lr1": 1e-3, "meta_lr2": 1e-3,
+             "step_size": 6, "gamma": 0.5, "train_query": 10, "first_order": True, "meta_label": "ss"},
     "ht": {"hard_task": True, "ht_normal_tasks": 5, "ht_hard_tasks": 1, "ht_update": "separate", "ht_start_epoch": 1},
     "scratch": {"init_weights": "scratch", "meta_label": "scratch"},
-    "test": {"num_test_episodes": 2000, "test_update_step": 50},
+    "test": {"num_test_episodes": 2000, "test_update_step": 100},
 }
 
 # ABLATION --smoke: the same commands, tiny, under their own folders (a wiring check of a few minutes).
