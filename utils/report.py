@@ -9,11 +9,13 @@ rows, then
 * checks that every row was tested on the same fixed episodes (way, shot, queries, eval seed, episode count);
 * writes ``<out>/ablation.json`` (every number of the table, the validation curves, the files they came from);
 * draws ``<out>/meta_val_curves.png``: meta-validation accuracy vs. meta-train iteration (epoch x num_batch),
-  one panel per shot, one line per meta-trained row (matplotlib, Agg backend);
+  one panel per shot, one line (and its 95% band) for each of rows 3 and 4 (matplotlib, Agg backend);
 * prints the markdown table (also returned by :func:`markdown_table`).
 
-Rows whose files are missing (e.g. row 5 skipped) are reported as "not run". The layout of the files is the
-one ``main.py`` writes (``trainer/base.py log_dir_pre / log_dir_meta``, ``trainer/meta.py meta_eval``).
+Rows whose files are missing (e.g. row 5 skipped) are reported as "not run". ``<log_root>/ablation_timing.json``
+(written by ``run_experiment.py ABLATION``: wall time per step) is copied into ``ablation.json`` when present.
+The layout of the files is the one ``main.py`` writes (``trainer/base.py log_dir_pre / log_dir_meta``,
+``trainer/meta.py meta_eval``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ ROWS = (
     ("mtl_ht", "4. MTL + HT meta-batch", "meta"),
     ("scratch", "5. MTL (SS) on a backbone trained from scratch (no pre-training)", "meta"),
 )
-CURVE_ROWS = ("mtl", "mtl_ht", "scratch")  # rows drawn in the plot (when their trlog exists)
+CURVE_ROWS = ("mtl", "mtl_ht")  # rows drawn in the plot (row 5's curve, far below, is in ablation.json only)
 # keys that must be equal across all results files of one shot: otherwise the rows saw different episodes
 SAME_EPISODES = ("way", "shot", "query", "eval_seed", "episodes")
 
@@ -181,7 +183,10 @@ def plot_curves(summary: dict, path: str) -> str | None:
             color, marker, ls = style[row["id"]]
             ax.plot(c["iteration"], c["val_acc"], color=color, marker=marker, ls=ls, ms=3.5, lw=1.5,
                     label=f"{label[row['id']]}, {shot}-shot")
-        ax.set_title(f"{summary['way']}-way {shot}-shot meta-validation")
+            lo = [m - h for m, h in zip(c["val_acc"], c["val_ci95"])]
+            hi = [m + h for m, h in zip(c["val_acc"], c["val_ci95"])]
+            ax.fill_between(c["iteration"], lo, hi, color=color, alpha=0.12, lw=0)
+        ax.set_title(f"{summary['way']}-way {shot}-shot meta-validation (band: 95% interval)", fontsize=10)
         ax.set_xlabel("meta-train iteration (epoch x num_batch)")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
