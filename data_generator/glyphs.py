@@ -771,6 +771,16 @@ def _stratified_pick(pool: Sequence[GlyphClass], n: int, rng: np.random.Generato
     return picked
 
 
+def _class_pool(font_dirs: Sequence[str], min_faces: int, workers: int, log) -> tuple:
+    """Scan the installed faces and build the class pool (lookalikes dropped) shared by both datasets."""
+    t0 = time.time()
+    faces = scan_faces(font_dirs)
+    log(f"scanned {len(faces)} faces in {time.time() - t0:.1f} s")
+    pool, per_script, dropped = build_pool(faces, SCRIPT_ORDER, min_faces=min_faces, log=log, workers=workers)
+    log(f"class pool: {len(pool)} classes ({len(dropped)} lookalikes dropped)")
+    return pool, per_script, dropped
+
+
 def build_embedded(out: str, seed: int = 0, n_classes: int = 100, split_sizes: Sequence[int] = (64, 16, 20),
                    per_class: int = 60, size: int = 32, font_dirs: Sequence[str] = DEFAULT_FONT_DIRS,
                    min_faces: int = 16, workers: int | None = None, log=print) -> dict:
@@ -778,11 +788,8 @@ def build_embedded(out: str, seed: int = 0, n_classes: int = 100, split_sizes: S
     if sum(split_sizes) != n_classes:
         raise ValueError(f"split sizes {tuple(split_sizes)} do not add up to {n_classes}")
     t0 = time.time()
-    faces = scan_faces(font_dirs)
-    log(f"scanned {len(faces)} faces in {time.time() - t0:.1f} s")
     workers = default_workers() if workers is None else workers
-    pool, per_script, dropped = build_pool(faces, SCRIPT_ORDER, min_faces=min_faces, log=log, workers=workers)
-    log(f"class pool: {len(pool)} classes ({len(dropped)} lookalikes dropped)")
+    pool, per_script, dropped = _class_pool(font_dirs, min_faces, workers, log)
     rng = np.random.default_rng([int(seed), zlib.crc32(b"embedded")])
     picked = _stratified_pick(pool, n_classes, rng)
     order = rng.permutation(len(picked))
@@ -808,11 +815,8 @@ def build_benchmark(out: str, seed: int = 0, per_class: int = 20, size: int = 32
     """Build the benchmark (split by script) as ``<out>.npz`` + ``<out>.manifest.json``. Returns the manifest."""
     npz_path, manifest_path = _benchmark_paths(out)
     t0 = time.time()
-    faces = scan_faces(font_dirs)
-    log(f"scanned {len(faces)} faces in {time.time() - t0:.1f} s")
     workers = default_workers() if workers is None else workers
-    pool, per_script, dropped = build_pool(faces, SCRIPT_ORDER, min_faces=min_faces, log=log, workers=workers)
-    log(f"class pool: {len(pool)} classes ({len(dropped)} lookalikes dropped)")
+    pool, per_script, dropped = _class_pool(font_dirs, min_faces, workers, log)
     splits = {s: [c for c in pool if c.script in BENCHMARK_SPLITS[s]] for s in SPLITS}
     for s in SPLITS:
         if not splits[s]:
