@@ -49,6 +49,8 @@ def test_eval_pytorch_is_center_crop_and_normalise():
     off = int(round((23 - 20) / 2))
     ref = x[:, off:off + 20, off:off + 20].permute(0, 3, 1, 2).float() / 255
     ref = (ref - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    # element-wise float32 (no sums): each of the ~4 ops rounds once, and another order or an FMA changes a
+    # result by a few ulp of |y| <= ~4 (~1e-6; 5e-7 measured); 1e-5 is 10x that, and any wrong constant is far above
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -106,6 +108,11 @@ def test_pytorch_augment_flip_and_crop_statistics():
 
 
 def test_resized_crop_identity_and_box_content():
+    # Bilinear resampling in float32 (no long sums: 4 weighted pixels per output): the sample positions carry a
+    # few ulp of a pixel index (~4e-6 px), times a slope of at most 255 per pixel: <= ~1e-3 on any machine (9e-5
+    # measured for the identity resize; a constant region only sees the weights' rounding, ~100 * 4 ulp). Hence
+    # 5e-3 and 1e-3 here and 1e-2 against torchvision (4e-4 measured), while a box off by a pixel changes values
+    # by tens.
     x = torch.rand(3, 3, 10, 10) * 255
     full = torch.tensor([[0, 0, 10, 10]]).repeat(3, 1)
     torch.testing.assert_close(resized_crop(x, full, 10), x, atol=5e-3, rtol=0)

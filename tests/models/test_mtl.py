@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from models.conv2d_mtl import Conv2dMtl
 from models.mtl import MtlLearner, inner_loop, straight_through
+from tests.helpers import assert_close_f64
 
 
 def _task_batch(t=3, way=5, shot=2, d=16, seed=0, dtype=torch.float32):
@@ -21,31 +22,29 @@ def _support_loss(feat, y, w, b):
 
 
 # ------------------------------------------------------------------------------------------------------------ inner loop
+# Equalities of formulas are checked in float64 (tests/helpers.py: assert_close_f64), where rounding cannot
+# depend on the machine's BLAS kernels or summation order.
 @pytest.mark.parametrize("loss_scale", [1.0, 5.0])
 def test_closed_form_equals_autograd(loss_scale):
-    feat, y, w, b = _task_batch()
+    feat, y, w, b = _task_batch(dtype=torch.float64)
     w1, b1 = inner_loop(feat, y, w, b, steps=10, lr=0.1, order="first", loss_scale=loss_scale)
     w2, b2 = inner_loop(feat, y, w, b, steps=10, lr=0.1, order="autograd", loss_scale=loss_scale)
     w3, b3 = inner_loop(feat, y, w, b, steps=10, lr=0.1, order="second", loss_scale=loss_scale)
     assert w1.shape == w.shape and b1.shape == b.shape
-    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w3, w2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b3, b2, rtol=1e-5, atol=1e-6)
+    assert_close_f64({"W": w1, "b": b1}, {"W": w2, "b": b2})
+    assert_close_f64({"W": w3, "b": b3}, {"W": w2, "b": b2})
     assert not torch.allclose(w1, w)  # it actually moved
     # tasks are independent: the batched result equals one-task runs
     for i in range(3):
         wi, bi = inner_loop(feat[i:i + 1], y[i:i + 1], w[i:i + 1], b[i:i + 1], 10, 0.1, "first", loss_scale)
-        torch.testing.assert_close(wi[0], w1[i], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bi[0], b1[i], rtol=1e-5, atol=1e-6)
+        assert_close_f64({"W": wi[0], "b": bi[0]}, {"W": w1[i], "b": b1[i]})
 
 
 def test_loss_scale_is_a_learning_rate_factor():
-    feat, y, w, b = _task_batch()
+    feat, y, w, b = _task_batch(dtype=torch.float64)
     wa, ba = inner_loop(feat, y, w, b, 5, 0.01, "first", loss_scale=5.0)
     wb, bb = inner_loop(feat, y, w, b, 5, 0.05, "first", loss_scale=1.0)
-    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6)
+    assert_close_f64({"W": wa, "b": ba}, {"W": wb, "b": bb})
 
 
 def test_one_step_matches_hand_gradient():
@@ -53,8 +52,7 @@ def test_one_step_matches_hand_gradient():
     w1, b1 = inner_loop(feat, y, w, b, steps=1, lr=0.5, order="first")
     p = torch.softmax(feat @ w.transpose(1, 2) + b[:, None], -1)
     g = (p - F.one_hot(y, 3).double()) / feat.shape[1]
-    torch.testing.assert_close(w1, w - 0.5 * g.transpose(1, 2) @ feat)
-    torch.testing.assert_close(b1, b - 0.5 * g.sum(1))
+    assert_close_f64({"W": w1, "b": b1}, {"W": w - 0.5 * g.transpose(1, 2) @ feat, "b": b - 0.5 * g.sum(1)})
 
 
 def test_support_loss_decreases():
@@ -211,9 +209,10 @@ def test_support_gradient_first_vs_second_order():
 
 
 def test_first_order_grad_equals_grad_at_adapted_weights():
-    model = _meta_model("resnet12_slim")
+    model = _meta_model("resnet12_slim").double()  # two formulas for one gradient: float64
     model.train()
     x_s, y_s, x_q, y_q = _episode(seed=3)
+    x_s, x_q = x_s.double(), x_q.double()
     logits = model.meta_forward(x_s, y_s, x_q, update_step=10, base_lr=0.1, loss_scale=2.0)
     F.cross_entropy(logits, y_q).backward()
     g_w, g_b = model.base_learner.weight.grad.clone(), model.base_learner.bias.grad.clone()
@@ -225,10 +224,9 @@ def test_first_order_grad_equals_grad_at_adapted_weights():
                           model.base_learner.bias.detach()[None], 10, 0.1, "autograd", loss_scale=2.0)
     w_t = w_t[0].detach().requires_grad_(True)
     b_t = b_t[0].detach().requires_grad_(True)
-    torch.testing.assert_close(logits.detach(), F.linear(emb_q, w_t, b_t), rtol=1e-4, atol=1e-5)
+    assert_close_f64(logits.detach(), F.linear(emb_q, w_t, b_t).detach())
     d_w, d_b = torch.autograd.grad(F.cross_entropy(F.linear(emb_q, w_t, b_t), y_q), (w_t, b_t))
-    torch.testing.assert_close(g_w, d_w, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g_b, d_b, rtol=1e-4, atol=1e-6)
+    assert_close_f64({"W": g_w, "b": g_b}, {"W": d_w, "b": d_b})
     assert g_w.abs().sum() > 0
 
 
