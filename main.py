@@ -26,7 +26,7 @@ def validate_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | str:
-    from utils.options import parse_args
+    from utils.options import describe_recipe, parse_args
     args = parse_args(argv)
 
     from utils.gpu_tools import set_gpu
@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     seed_everything(args.seed, args.deterministic)
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
+    print(describe_recipe(args), flush=True)
     if args.phase == "pre_train":
         from trainer.pre import PreTrainer
         return PreTrainer(args, device).run()

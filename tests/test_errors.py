@@ -139,9 +139,9 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         img = root / "train" / "n0002" / "00009.png"
         img.write_bytes(img.read_bytes()[:60])
         return c.argv(*PRE, data=root)
-    if cid == "E09":  # non-image file among the images
+    if cid == "E09":  # a file with an image extension that is not an image
         root = c.folders()
-        (root / "train" / "n0001" / "notes.txt").write_text("not an image\n")
+        (root / "train" / "n0001" / "notes.png").write_text("not an image\n")
         return c.argv(*PRE, data=root)
     if cid == "E10":  # truncated checkpoint
         src = (c.logs / META_DIR / "max_acc.pth").read_bytes()

@@ -159,6 +159,10 @@ class MetaTrainer(BaseTrainer):
         self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[1]["lr"] = lr1, lr2
         return {"lr1": lr1, "lr2": lr2}
 
+    def lr_hint(self) -> str:
+        a = self.args
+        return f"--meta_lr1 (set to {a.meta_lr1:g}), --meta_lr2 (set to {a.meta_lr2:g}) or --base_lr (set to {a.base_lr:g})"
+
     # ----------------------------------------------------------------- one task (Alg. 2)
     def run_task(self, episode: np.ndarray, weight: float, timer: Timer) -> tuple[float, np.ndarray]:
         """Alg. 2 for one task: inner loop on the support, query loss at the adapted weights; the loss times

@@ -109,6 +109,9 @@ class PreTrainer(BaseTrainer):
             g["lr"] = lr
         return {"lr": lr}
 
+    def lr_hint(self) -> str:
+        return f"--pre_lr (set to {self.args.pre_lr:g})"
+
     def load_batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The data half of a step: gather the images (from memory or the memmapped cache), copy them to the
         device (pinned, non-blocking on CUDA), augment there. Returns x (B, 3, S, S) float, y (B,) long."""
