@@ -4,7 +4,10 @@ Two kinds of *spec* name a split:
 
 * a folder ``<root>/<split>`` laid out as ``<root>/<split>/<class>/<image>`` (the official layout, reference section 8).
   Classes are sorted by name, so labels are stable across machines (the official code used unsorted
-  ``os.listdir``); images are sorted by file name; hidden entries (names starting with ``.``) are ignored.
+  ``os.listdir``); images are sorted by file name. Hidden entries (names starting with ``.``) and files whose
+  extension is not an image's (:data:`IMAGE_EXTENSIONS`, torchvision ``ImageFolder``'s list: a stray ``readme.txt``,
+  ``Thumbs.db``, ``.DS_Store``) are skipped, and one line says how many were skipped and where; a file with an
+  image extension that does not decode is still an error.
   Every image goes through PIL: ``convert("RGB")`` -> resize the shorter side to ``stored_size`` (bilinear, the
   long side as ``int(stored_size * long / short)``, as torchvision ``Resize``) -> center crop
   ``stored_size x stored_size`` (offsets ``int(round((n - stored_size) / 2))``, as torchvision ``CenterCrop``).
@@ -51,6 +54,7 @@ __all__ = [
     "split_spec",
     "decode_image",
     "CACHE_VERSION",
+    "IMAGE_EXTENSIONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,9 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "mtl-imagecache-v1"
 
 FOLDER_LAYOUT = "<root>/{train,val,test}/<class>/<image>"
+
+#: File extensions read as images in class folders (torchvision ``datasets.folder.IMG_EXTENSIONS``); others are skipped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,16 +249,27 @@ def _visible(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _scan_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
-    """-> (class_names (C,), files (N,) relative to root with "/" separators, labels int64 (N,))."""
+    """-> (class_names (C,), files (N,) relative to root with "/" separators, labels int64 (N,)).
+
+    Hidden entries and files that are not images by extension are skipped, with one printed line that counts them
+    and names the split folder and the first one skipped.
+    """
     if not os.path.isdir(root):
         what = "is not a folder" if os.path.exists(root) else "not found"
         raise UserError(f"dataset split folder {root} {what} (expected layout {FOLDER_LAYOUT})")
     try:
-        entries = _visible(os.listdir(root))
+        all_entries = sorted(os.listdir(root))
     except OSError as exc:
         raise UserError(f"cannot list dataset split folder {root}: {exc.strerror}") from None
+    entries = _visible(all_entries)
+    skipped = [e for e in all_entries if e.startswith(".")]
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    skipped += [e for e in entries if e not in classes]  # stray files beside the class folders
     if not classes:
         raise UserError(f"dataset split folder {root} has no class folders (expected layout {FOLDER_LAYOUT})")
     files: list[str] = []
@@ -259,19 +277,33 @@ def _scan_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
     for c, name in enumerate(classes):
         cdir = os.path.join(root, name)
         try:
-            names = _visible(os.listdir(cdir))
+            names = sorted(os.listdir(cdir))
         except OSError as exc:
             raise UserError(f"cannot list class folder {cdir}: {exc.strerror}") from None
-        if not names:
+        if not _visible(names):
             raise UserError(f"class folder {cdir} is empty (expected layout {FOLDER_LAYOUT})")
+        kept = 0
         for fname in names:
+            if fname.startswith("."):
+                skipped.append(f"{name}/{fname}")
+                continue
             if os.path.isdir(os.path.join(cdir, fname)):
                 raise UserError(
                     f"class folder {cdir} contains the subfolder {fname}; class folders must hold images only "
                     f"(expected layout {FOLDER_LAYOUT})"
                 )
+            if not _is_image_name(fname):
+                skipped.append(f"{name}/{fname}")
+                continue
             files.append(f"{name}/{fname}")
             labels.append(c)
+            kept += 1
+        if not kept:
+            raise UserError(f"class folder {cdir} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}; "
+                            f"expected layout {FOLDER_LAYOUT})")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) in {root} that are hidden or not images by extension "
+              f"(first: {skipped[0]})", flush=True)
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 

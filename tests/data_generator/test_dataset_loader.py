@@ -105,13 +105,43 @@ def test_subfolder_in_class_folder(tmp_path):
 
 
 @pytest.mark.parametrize("payload", [b"this is not an image", b"\x89PNG\r\n\x1a\nbroken"])
-def test_unreadable_file_is_named(tmp_path, payload):
+def test_unreadable_file_with_image_extension_is_named(tmp_path, payload):
     root = make_split(tmp_path / "train")
-    bad = tmp_path / "train" / "b_cls" / "notes.txt"
+    bad = tmp_path / "train" / "b_cls" / "notes.png"
     bad.write_bytes(payload)
     with pytest.raises(UserError, match="not a readable image") as e:
         load_split(root, SIZE)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_image_and_hidden_files_are_skipped_with_one_line(tmp_path, capsys):
+    """As torchvision's ImageFolder: files whose extension is not an image's, and hidden files, are skipped."""
+    root = make_split(tmp_path / "train")
+    clean = load_split(root, SIZE)
+    capsys.readouterr()
+    (tmp_path / "train" / "b_cls" / "readme.txt").write_text("about these images\n")
+    (tmp_path / "train" / "a_cls" / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / "train" / "a_cls" / "Thumbs.db").write_bytes(b"\x00\x01")
+    (tmp_path / "train" / "LICENSE").write_text("beside the class folders\n")
+    (tmp_path / "train" / "c_cls" / "UPPER.PNG").write_bytes((tmp_path / "train" / "c_cls" / "img_01.png").read_bytes())
+    got = load_split(root, SIZE)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("skipped")]
+    assert len(lines) == 1 and lines[0].startswith(f"skipped 4 file(s) in {root} ") and "first:" in lines[0]
+    assert got.class_names == clean.class_names
+    assert len(got) == len(clean) + 1 and "c_cls/UPPER.PNG" in got.files  # extensions match case-insensitively
+    assert not any(f.endswith((".txt", ".db", ".DS_Store")) for f in got.files)
+    np.testing.assert_array_equal(got.images[[got.files.index(f) for f in clean.files]], clean.images)
+
+
+def test_class_folder_without_images_is_named(tmp_path):
+    root = make_split(tmp_path / "train")
+    d = tmp_path / "train" / "d_docs"
+    d.mkdir()
+    (d / "readme.txt").write_text("no images here\n")
+    with pytest.raises(UserError, match="d_docs has no images") as e:
+        load_split(root, SIZE)
+    assert "\n" not in str(e.value)
 
 
 def test_truncated_jpeg_is_named(tmp_path):
