@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from utils.options import settings_dict
 # learning rate, optimizer, ... is an error, never a silent mix of two runs).
 RESUME_MAY_DIFFER = ("resume", "stop_after_epoch", "max_epoch", "pre_max_epoch", "quiet", "device", "gpu",
                      "num_workers", "cache_dir", "eval_batch_size", "amp", "channels_last", "compile",
-                     "deterministic", "log_root", "recipe", "pre_save_every", "eval_weights", "meta_test_dir",
+                     "deterministic", "log_root", "recipe", "recipe_source", "pre_save_every", "eval_weights", "meta_test_dir",
                      "num_test_episodes", "test_update_step", "eval_classifier")
 
 
@@ -90,6 +91,37 @@ class DataBundle:
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
         return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.args.num_workers)
+
+
+class ScalarEvents:
+    """A TensorBoard event file of scalars written synchronously with tensorboardX's protobufs and record writer.
+
+    (tensorboardX's ``SummaryWriter`` hands events to a background thread and its ``flush`` does not wait for that
+    thread, so a run killed right after an epoch could lose the epoch's points.) ``purge_step = s`` writes a
+    ``SessionLog(START)`` at step ``s``: TensorBoard then hides the points that earlier files logged at steps >= s,
+    i.e. what a killed run wrote after its last checkpoint, so the curves of a resumed run have neither gaps nor
+    duplicates. Each writer gets its own file (a unique suffix: two runs within one second never share a name).
+    """
+
+    def __init__(self, folder: str, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        os.makedirs(folder, exist_ok=True)
+        self._event = Event
+        self._writer = EventsWriter(os.path.join(folder, "events"), f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """One point per tag at ``step``, on disk when this returns."""
+        from tensorboardX.summary import scalar
+        for tag, value in scalars.items():
+            self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=scalar(tag, float(value))))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class BaseTrainer:
@@ -171,7 +203,11 @@ class BaseTrainer:
         else:
             last = "no checkpoint of this run was written yet"
         raise UserError(f"training loss is {loss} at epoch {epoch}, iteration {iteration}/{n_iterations}; "
-                        f"stopped; {last}. Lower the learning rate or check the data")
+                        f"stopped; {last}. Lower {self.lr_hint()}, or check the data")
+
+    def lr_hint(self) -> str:
+        """The learning-rate flags of this phase with their values, for the NaN message."""
+        raise NotImplementedError
 
     def load_resume(self) -> None:
         path = os.path.join(self.log_dir, "resume.pth")
@@ -207,14 +243,15 @@ class BaseTrainer:
         print(f"resuming {self.log_dir} after epoch {st['epoch']} (best val {100 * self.best_acc:.2f}% "
               f"at epoch {self.best_epoch})", flush=True)
 
-    def _tensorboard(self):
+    def _tensorboard(self) -> "ScalarEvents | None":
+        """The TensorBoard log ``<log_dir>/tb`` (the scalars of ``trlog.json``, one point per epoch), or ``None``
+        with a one-line warning when tensorboardX is not installed (``trlog.json`` is the record)."""
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed: the JSON log is the record
+            return ScalarEvents(os.path.join(self.log_dir, "tb"), purge_step=self.start_epoch)
+        except ImportError:
+            print("warning: tensorboardX is not installed, so no TensorBoard log is written "
+                  "(pip install -r requirements.txt); trlog.json has every number", flush=True)
             return None
-        # purge_step drops events a killed run wrote after its last checkpoint, so the curves have neither
-        # gaps nor duplicates after a resume.
-        return SummaryWriter(os.path.join(self.log_dir, "tb"), purge_step=self.start_epoch)
 
     def run(self) -> str:
         """Train, validate every epoch, keep ``max_acc.pth`` (best val) and ``last.pth``; return the best path."""
@@ -248,10 +285,8 @@ class BaseTrainer:
             if writer is None:
                 writer = self._tensorboard()
             if writer is not None:
-                for k, v in record.items():
-                    if k != "epoch" and isinstance(v, (int, float)):
-                        writer.add_scalar(f"{self.kind}/{k}", v, epoch)
-                writer.flush()
+                writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
+                                     if k != "epoch" and isinstance(v, (int, float))})
             save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
             write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
             write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))

@@ -19,6 +19,7 @@ import torch
 
 import main
 from tests.helpers import make_npz
+from tests.tb_events import tb_scalars as read_tb
 
 COMMON = ["--dataset", "custom", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper",
           "--num_val_episodes", "10", "--seed", "3", "--quiet", "--device", "cpu", "--update_step", "3",
@@ -79,10 +80,8 @@ def assert_same_run(d1: Path, d2: Path, files=("last.pth", "max_acc.pth", "resum
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir / "tb"))
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"] if "time" not in t}
+    """The TensorBoard scalars of a run (read with tensorboardX's protobufs, ``tests/tb_events.py``)."""
+    return read_tb(run_dir / "tb")
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -256,3 +255,22 @@ def test_meta_stop_after_epoch_1_and_resume_equals_uninterrupted(meta_runs):
         logs = [(d[k] / "hard_tasks.jsonl").read_text() for k in ("full1", "resumed")]
         assert logs[0] == logs[1]
         assert [json.loads(x)["iteration"] for x in logs[1].splitlines()] == list(range(1, 13))
+
+
+def _assert_tb_matches_trlog(run_dir: Path, kind: str) -> None:
+    """Every number of trlog.json is a tensorboardX scalar ``<kind>/<key>`` at its epoch (stored as float32)."""
+    import numpy as np
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no event file"
+    tb = read_tb(run_dir / "tb", skip_time=False)
+    log = json.loads((run_dir / "trlog.json").read_text())  # with the timings
+    keys = {k for r in log for k, v in r.items() if k != "epoch" and isinstance(v, (int, float))}
+    assert {f"{kind}/{k}" for k in keys} == set(tb), (sorted(keys), sorted(tb))
+    for k in keys:
+        want = [(r["epoch"], float(np.float32(r[k]))) for r in log]
+        assert tb[f"{kind}/{k}"] == want, k
+
+
+def test_tensorboard_event_file_holds_the_trlog_scalars(pre_runs, meta_runs):
+    _assert_tb_matches_trlog(pre_runs["dirs"]["full1"], "pre")
+    _assert_tb_matches_trlog(pre_runs["dirs"]["resumed"], "pre")
+    _assert_tb_matches_trlog(meta_runs["dirs"]["resumed"], "meta")
