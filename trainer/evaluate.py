@@ -9,7 +9,17 @@ is compared on the same episodes. Two paths compute the same numbers:
 * **episodic** (``--eval_mode episodic``): the straightforward reference, one episode at a time through the
   encoder (query, then support, as the official ``meta_forward``) and an autograd inner loop.
 
-A test checks that both give the same per-episode accuracies.
+When the two agree: in exact arithmetic they are the same function (``tests/trainer/test_speed_paths.py`` checks
+this in float64). In float32 they round differently (batched vs one-episode encoder passes, closed-form vs autograd
+gradients), and the inner loop decides whether those last-bit differences stay small: while the inner step is
+within the stable range of gradient descent on the support loss, ``lr <= models.mtl.stable_inner_lr(features)``
+(``4 n_s / (loss_scale * lambda_max([X, 1]^T [X, 1]))``), each step is non-expansive and the two paths' logits stay
+within float32 rounding of each other, so the accuracies are the same unless a query's two best logits are tied
+to within that rounding. Far outside it (large unnormalised features, e.g. squared norm ~1,600 as a ResNet-25 with
+freshly initialised BatchNorm gives, at lr 0.01 for 100 steps) rounding is amplified at every step and the two
+paths' logits drift apart (by ~2 after 100 steps), so some accuracies differ. ``tests/trainer/test_evaluate.py``
+tests the equality at 0.9 of the stable step. "Identical" is per machine: the same numbers on the same machine
+and thread count, close but not bit-identical on another CPU.
 """
 from __future__ import annotations
 
