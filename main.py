@@ -43,14 +43,16 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
     print(describe_recipe(args), flush=True)
+    from utils.settings import Settings
+    settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
     if args.phase == "pre_train":
         from trainer.pre import PreTrainer
-        return PreTrainer(args, device).run()
+        return PreTrainer(settings, device).run()
     if args.phase == "meta_train":
         from trainer.meta import MetaTrainer
-        return MetaTrainer(args, device).run()
+        return MetaTrainer(settings, device).run()
     from trainer.meta import meta_eval
-    return meta_eval(args, device)
+    return meta_eval(settings, device)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -6,11 +6,14 @@
     python run_experiment.py META_LOAD   meta-train from weights in <LOG_DIR>/download_weights/
     python run_experiment.py TEST_LOAD   meta-test weights in <LOG_DIR>/download_weights/
     python run_experiment.py DEMO        the whole pipeline on the embedded glyph data, CPU-sized (< 5 min)
-    python run_experiment.py BENCH       the speed benchmark (writes <LOG_DIR>/bench/benchmark.json)
+    python run_experiment.py BENCH       the speed benchmark, python -m tools.benchmark (<LOG_DIR>/bench/benchmark.json)
+    python run_experiment.py ABLATION    the ablation on the glyph benchmark (built by python -m tools.glyphs), then
+                                         its report (python -m tools.report)
 
 Options after the mode: ``--recipe paper|pytorch`` (default paper: the constants below; pytorch: the official
 PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/device constants applied),
-``--dry_run`` (print the commands, run nothing), and for BENCH ``--full`` (the GPU configuration).
+``--dry_run`` (print the commands, run nothing), for BENCH ``--full`` (the GPU configuration), and for DEMO and
+ABLATION ``--smoke`` (the same commands, shortened).
 
 Edit the constants to change the experiment. Every command is printed before it runs, so each experiment can
 be repeated by hand. The hyperparameters themselves are defined (with help texts) in ``utils/options.py``.
@@ -22,6 +25,8 @@ import os
 import shlex
 import subprocess
 import sys
+
+from utils.settings import RunPaths
 
 # ------------------------------------------------------------------------------------------------------------
 # The seed's constants (defaults: the paper recipe with the ResNet-12, reference sections 4-6 and 7.3).
@@ -91,7 +96,7 @@ DEMO_SMOKE = {"log_root": os.path.join(LOG_DIR, "demo_smoke"), "pre_max_epoch": 
 # nearest class mean, MTL (SS, first order), MTL + HT, MTL from scratch; all tested on the same fixed episodes.
 # The choices and why: docs/RESULTS.md. Each sub-dict is main.py flags (True = a bare flag).
 ABLATION = {
-    "benchmark": "data/glyphs1k", "benchmark_seed": 0,  # python -m data_generator.glyphs benchmark ... --ensure
+    "benchmark": "data/glyphs1k", "benchmark_seed": 0,  # python -m tools.glyphs benchmark ... --ensure
     "shots": (1, 5), "scratch_row": True, "report_dir": "docs/results", "log_root": os.path.join(LOG_DIR, "ablation"),
     "common": {"dataset": "glyphs", "dataset_dir": "data/glyphs1k.npz", "backbone": "conv4", "image_size": 32,
                "preprocess": "paper", "way": 5, "seed": 1, "eval_seed": 1, "val_query": 15,
@@ -193,7 +198,7 @@ def demo_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
     for k, v in d.items():
         base += [f"--{k}", str(v)]
     base += ["--dataset", "glyphs", "--device", DEVICE]
-    pre_ckpt = os.path.join(d["log_root"], "pre", f"glyphs_{d['backbone']}", "max_acc.pth")
+    pre_ckpt = RunPaths(d["log_root"], "glyphs", d["backbone"]).pre_checkpoint()  # where main.py writes it
     out = [("pre-train", main_cmd("pre_train", base))]
     for shot in (1, 5):
         s = ["--shot", str(shot), "--meta_label", "demo"]
@@ -224,8 +229,8 @@ def demo(dry: bool, smoke: bool = False) -> None:
     root = d["log_root"]
     summary = {}
     for shot in (1, 5):
-        meta_dir = os.path.join(root, "meta", f"glyphs_{d['backbone']}_5way{shot}shot_demo")
-        pre_dir = os.path.join(root, "pre", f"glyphs_{d['backbone']}")
+        run_paths = RunPaths(root, "glyphs", d["backbone"], 5, shot, meta_label="demo")
+        meta_dir, pre_dir = run_paths.meta_dir, run_paths.pre_dir
         rows = {}
         for name, path in (("baseline", os.path.join(pre_dir, f"results_pretrained_5way{shot}shot.json")),
                            ("mtl", os.path.join(meta_dir, "results.json"))):
@@ -272,9 +277,8 @@ def ablation_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
     meta-train and test rows 3 (MTL), 4 (MTL + HT) and 5 (MTL from scratch); the report comes last."""
     a = ablation_settings(smoke)
     c = {**a["common"], "log_root": a["log_root"], "device": DEVICE}
-    pre_dir = os.path.join(a["log_root"], "pre", f"{c['dataset']}_{c['backbone']}")
-    pre_ckpt = os.path.join(pre_dir, "max_acc.pth")  # the pre-train epoch with the best validation accuracy
-    out = [("benchmark", [sys.executable, "-m", "data_generator.glyphs", "benchmark", "--out", a["benchmark"],
+    pre_ckpt = RunPaths(a["log_root"], c["dataset"], c["backbone"]).pre_checkpoint()  # the best by validation
+    out = [("benchmark", [sys.executable, "-m", "tools.glyphs", "benchmark", "--out", a["benchmark"],
                           "--seed", str(a["benchmark_seed"]), "--ensure"]),
            ("pre-train", main_cmd("pre_train", _flags(c, a["pre"])))]
     for shot in a["shots"]:
@@ -289,7 +293,7 @@ def ablation_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
         for name, extra in rows:
             out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s))))
             out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s))))
-    out.append(("report", [sys.executable, "-m", "utils.report", "--log_root", a["log_root"], "--dataset",
+    out.append(("report", [sys.executable, "-m", "tools.report", "--log_root", a["log_root"], "--dataset",
                            c["dataset"], "--backbone", c["backbone"], "--way", str(c["way"]), "--shots",
                            *[str(s) for s in a["shots"]], "--label", a["meta"]["meta_label"], "--scratch_label",
                            a["scratch"]["meta_label"], "--out", a["report_dir"]]))
@@ -341,7 +345,7 @@ def cli(argv: list[str]) -> None:
     elif mode == "ABLATION":
         ablation(dry, smoke="--smoke" in opts)
     elif mode == "BENCH":
-        cmd = [sys.executable, "-m", "utils.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
+        cmd = [sys.executable, "-m", "tools.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
         if "--full" in opts:
             cmd.append("--full")
         run(cmd, dry)

@@ -1,4 +1,10 @@
-"""Episodic samplers: :class:`CategoriesSampler` (official layout, numpy Generator, resumable) and fixed episodes.
+"""The episode module: the episode layout, the task object, and the samplers that make them.
+
+Everything that knows how an episode is laid out lives here: :func:`layout` (per-class draws -> an episode),
+:class:`Task` (an episode's support, query, labels and class ids), :func:`episode_labels`, :func:`by_class` (rows of
+the layout grouped per class); the samplers (:class:`CategoriesSampler`, :func:`fixed_episodes`) and the hard-task
+planner (``trainer/hard_tasks.py``) make episodes only through :func:`layout`, and evaluation, the meta-trainer and
+the glyph baseline read them only through :class:`Task`, :func:`episode_labels` and :func:`by_class`.
 
 Episode layout (as the official PT ``CategoriesSampler``): an episode is an int64 array of ``way * (shot + query)``
 image indices, **support first, then query, each interleaved by class**::
@@ -21,34 +27,89 @@ the global numpy / torch / python RNGs, and its state is saved by :meth:`Categor
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from data_generator.dataset_loader import check_counts
+from utils.misc import generator_state, set_generator_state
 
-__all__ = ["CategoriesSampler", "episode_labels", "fixed_episodes", "episode_classes"]
-
-
-def _to_jsonable(obj: Any) -> Any:
-    """Copy of a bit-generator state with every int stored as str (128-bit ints survive json / weights_only)."""
-    if isinstance(obj, dict):
-        return {k: _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return str(int(obj))
-    return obj
+__all__ = ["CategoriesSampler", "Task", "layout", "by_class", "episode_labels", "fixed_episodes", "episode_classes"]
 
 
-def _from_jsonable(obj: Any, template: Any) -> Any:
-    """Inverse of :func:`_to_jsonable`, guided by a state of the same bit generator."""
-    if isinstance(template, dict):
-        return {k: _from_jsonable(obj[k], v) for k, v in template.items()}
-    if isinstance(template, (int, np.integer)) and not isinstance(template, bool):
-        return int(obj)
-    return obj
+# ------------------------------------------------------------------------------------------------ the layout
+def layout(block: np.ndarray, shot: int) -> np.ndarray:
+    """Per-class draws -> one episode in the layout above.
+
+    Args:
+        block: int (way, shot + query) image indices, row k = the k-th class's draws.
+        shot: how many of each row are support.
+    Returns:
+        int64 (way * (shot + query),): support then query, each interleaved by class.
+    """
+    block = np.asarray(block, dtype=np.int64)
+    return np.concatenate([block[:, :shot].T.reshape(-1), block[:, shot:].T.reshape(-1)])
+
+
+def episode_labels(way: int, n_per_class: int) -> torch.Tensor:
+    """int64 (way*n_per_class,) CPU tensor ``torch.arange(way).repeat(n_per_class)`` = [0, 1, ..., way-1, 0, ...]."""
+    return torch.arange(way, dtype=torch.int64).repeat(n_per_class)
+
+
+def by_class(x: torch.Tensor, way: int, dim: int = 0) -> torch.Tensor:
+    """Group ``way * n`` rows in the layout's order by class: dim ``dim`` of size ``way * n`` becomes ``(n, way)``,
+    so index ``[..., i, k, ...]`` is the i-th image of episode class k."""
+    shape = list(x.shape)
+    d = dim % x.dim()
+    return x.reshape(shape[:d] + [shape[d] // way, way] + shape[d + 1:])
+
+
+@dataclass(frozen=True)
+class Task:
+    """One N-way K-shot task (episode) in the layout above.
+
+    Attributes:
+        support: int64 (way*shot,) image indices; labels :attr:`y_support`.
+        query: int64 (way*query,) image indices; labels :attr:`y_query`.
+        way, shot: the task's shape (query per class = ``len(query) // way``).
+    """
+
+    support: np.ndarray
+    query: np.ndarray
+    way: int
+    shot: int
+
+    @classmethod
+    def from_episode(cls, episode: np.ndarray, way: int, shot: int) -> "Task":
+        ep = np.asarray(episode, dtype=np.int64)
+        if ep.ndim != 1 or len(ep) < way * shot or len(ep) % way:
+            raise ValueError(f"an episode of {way}-way {shot}-shot needs a multiple of way = {way} indices, at least "
+                             f"way * shot; got shape {ep.shape}")
+        return cls(ep[: way * shot], ep[way * shot:], way, shot)
+
+    @property
+    def episode(self) -> np.ndarray:
+        """int64 (way*(shot+query),): the task as one index array, support first."""
+        return np.concatenate([self.support, self.query])
+
+    @property
+    def n_query(self) -> int:
+        """Query images per class."""
+        return len(self.query) // self.way
+
+    @property
+    def y_support(self) -> torch.Tensor:
+        return episode_labels(self.way, self.shot)
+
+    @property
+    def y_query(self) -> torch.Tensor:
+        return episode_labels(self.way, self.n_query)
+
+    def classes(self, labels: np.ndarray) -> np.ndarray:
+        """int64 (way,): the dataset class id of each episode label 0..way-1."""
+        return episode_classes(self.episode, labels, self.way)
 
 
 class CategoriesSampler:
@@ -93,11 +154,6 @@ class CategoriesSampler:
         """n_batch, the episodes of one full pass."""
         return self.n_batch
 
-    @property
-    def position(self) -> int:
-        """Episodes already yielded in the current pass (0 <= position <= n_batch)."""
-        return self._pos
-
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield the remaining episodes of the current pass: int64 (way*(shot+query),) each."""
         if self._pos >= self.n_batch:
@@ -108,44 +164,21 @@ class CategoriesSampler:
             yield episode
         self._pos = 0
 
-    def _draw(self, classes: Sequence[int]) -> np.ndarray:
-        """(len(classes)*(shot+query),) int64: per class shot+query distinct images, interleaved by class."""
-        rng = self._rng
-        n = self.n_per_class
-        batch = np.empty((len(classes), n), dtype=np.int64)
-        for k, c in enumerate(classes):
-            idx = self._class_idx[int(c)]
-            batch[k] = idx[rng.choice(len(idx), size=n, replace=False)]
-        return batch.T.reshape(-1)
-
     def sample(self) -> np.ndarray:
-        """One episode, int64 (way*(shot+query),): ``way`` random distinct classes, fresh images."""
-        picked = self.classes[self._rng.choice(len(self.classes), size=self.way, replace=False)]
-        return self._draw(picked.tolist())
-
-    def sample_from_classes(self, classes: Sequence[int]) -> np.ndarray:
-        """One episode on the given dataset class ids (fresh random images); episode label k is ``classes[k]``.
-
-        Args:
-            classes: (K,) distinct class ids (values of ``labels``), usually K == way.
-
-        Returns:
-            int64 (K*(shot+query),) indices in the standard layout with K in place of way.
-        """
-        cls = [int(c) for c in (classes.tolist() if hasattr(classes, "tolist") else classes)]
-        if not cls:
-            raise ValueError("sample_from_classes needs at least one class")
-        if len(set(cls)) != len(cls):
-            raise ValueError(f"sample_from_classes needs distinct classes, got {cls}")
-        unknown = [c for c in cls if c not in self._class_idx]
-        if unknown:
-            raise ValueError(f"unknown class ids {unknown}; the labels hold {len(self.classes)} classes")
-        return self._draw(cls)
+        """One episode, int64 (way*(shot+query),): ``way`` random distinct classes (their order = the episode
+        labels), per class ``shot + query`` distinct random images, laid out by :func:`layout`."""
+        rng = self._rng
+        picked = self.classes[rng.choice(len(self.classes), size=self.way, replace=False)]
+        block = np.empty((self.way, self.n_per_class), dtype=np.int64)
+        for k, c in enumerate(picked.tolist()):
+            idx = self._class_idx[int(c)]
+            block[k] = idx[rng.choice(len(idx), size=self.n_per_class, replace=False)]
+        return layout(block, self.shot)
 
     def state_dict(self) -> dict:
         """JSON-serialisable state: the generator state (ints as str), the position in the pass and the settings."""
         return {
-            "bit_generator": _to_jsonable(self._rng.bit_generator.state),
+            "bit_generator": generator_state(self._rng),
             "position": self._pos,
             "n_batch": self.n_batch,
             "way": self.way,
@@ -160,21 +193,16 @@ class CategoriesSampler:
             if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key} = {state[key]}, this sampler has "
                                  f"{getattr(self, key)}")
-        template = self._rng.bit_generator.state
         saved = state["bit_generator"]
-        if saved.get("bit_generator") != template["bit_generator"]:
-            raise ValueError(f"sampler state holds a {saved.get('bit_generator')} generator, expected "
-                             f"{template['bit_generator']}")
-        self._rng.bit_generator.state = _from_jsonable(saved, template)
+        if "bit_generator" in saved:  # the layout of resume files written before generator_state existed
+            if saved["bit_generator"] != "PCG64":
+                raise ValueError(f"sampler state holds a {saved['bit_generator']} generator, expected PCG64")
+            saved = {**saved["state"], "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
+        set_generator_state(self._rng, saved)
         pos = int(state.get("position", 0))
         if not 0 <= pos <= self.n_batch:
             raise ValueError(f"sampler position {pos} outside 0..{self.n_batch}")
         self._pos = pos
-
-
-def episode_labels(way: int, n_per_class: int) -> torch.Tensor:
-    """int64 (way*n_per_class,) CPU tensor ``torch.arange(way).repeat(n_per_class)`` = [0, 1, ..., way-1, 0, ...]."""
-    return torch.arange(way, dtype=torch.int64).repeat(n_per_class)
 
 
 def fixed_episodes(labels: np.ndarray, n_episodes: int, way: int, shot: int, query: int, seed: int) -> np.ndarray:

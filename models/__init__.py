@@ -1,7 +1,7 @@
-"""Models of MTL: SS convolution (Eq. 6), backbones, the inner loop (Eq. 3) and the pre/meta learner."""
+"""Models of MTL: SS convolution (Eq. 6), backbones, the inner loop (Eq. 3), the pre-train and the meta model."""
 from .conv2d_mtl import Conv2dMtl
-from .mtl import MtlLearner, inner_loop, straight_through
+from .mtl import MetaLearner, PreLearner, inner_loop, stable_inner_lr, straight_through
 from .resnet_mtl import BACKBONES, build_backbone, min_image_size
 
-__all__ = ["Conv2dMtl", "BACKBONES", "build_backbone", "min_image_size", "inner_loop", "straight_through",
-           "MtlLearner"]
+__all__ = ["Conv2dMtl", "BACKBONES", "build_backbone", "min_image_size", "inner_loop", "stable_inner_lr",
+           "straight_through", "PreLearner", "MetaLearner"]

@@ -10,7 +10,7 @@ State-dict keys are ``weight``, ``bias``, ``mtl_weight``, ``mtl_bias`` (the offi
 state dict loads unchanged; with ``strict=False`` only the ``mtl_*`` keys are reported missing.
 
 Note: ``module.requires_grad_(True)`` on an enclosing model would unfreeze ``weight``/``bias`` again; the learner never
-does that and checks the trainable set (``models.mtl.MtlLearner.meta_parameters``).
+does that and checks the trainable set (``models.mtl.MetaLearner.meta_parameters``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The MTL learner: the base-learner inner loop (Eq. 3) and the pre-train / meta models.
+"""The MTL learners: the base-learner inner loop (Eq. 3), the pre-train model and the meta model with the one
+batched task forward (:meth:`MetaLearner.forward_tasks`).
 
 Notation (paper): Theta = frozen encoder conv weights, Phi_S1/Phi_S2 = SS parameters (Eq. 6), theta = base learner
 (FC classifier W, b). One meta step on a task T (Eq. 3-5):
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from .conv2d_mtl import Conv2dMtl
 from .resnet_mtl import build_backbone
 
-__all__ = ["inner_loop", "stable_inner_lr", "straight_through", "MtlLearner"]
+__all__ = ["inner_loop", "stable_inner_lr", "straight_through", "PreLearner", "MetaLearner"]
 
 _ORDERS = ("first", "autograd", "second")
 
@@ -179,46 +180,26 @@ def _inner_second(feat_s, y_s, weight, bias, steps, lr, loss_scale):
     return w, b
 
 
-class MtlLearner(nn.Module):
-    """Encoder + head, in one of two modes.
+class PreLearner(nn.Module):
+    """The pre-train model (paper Sec. 4.1): ``encoder`` = plain backbone (trainable convs, optional dropout) and
+    ``pre_fc`` over ``num_classes``: ``pre_head="mlp"`` = Linear(D, 1000) -> ReLU -> Linear(1000, C) (official PT,
+    keys ``pre_fc.0``/``pre_fc.2``), ``"linear"`` = Linear(D, C) with xavier-uniform W and zero b (official TF).
+    State-dict keys ``encoder.*``, ``pre_fc.*``."""
 
-    mode ``"pre"`` (pre-train phase): ``encoder`` = plain backbone (trainable convs, optional dropout) and ``pre_fc``
-    over ``num_classes``: ``pre_head="mlp"`` = Linear(D, 1000) -> ReLU -> Linear(1000, C) (official PT, keys
-    ``pre_fc.0``/``pre_fc.2``), ``"linear"`` = Linear(D, C) with xavier-uniform W and zero b (official TF).
-
-    mode ``"meta"`` (meta-train / test): ``encoder`` = the same backbone with SS convs (Eq. 6; frozen W, b; trainable
-    Phi and BN affine; no dropout, ``dropout_keep`` is ignored), and ``base_learner`` = Linear(D, way), theta,
-    W ~ kaiming_normal_ (fan_in, gain sqrt(2), as the official ``fc1_w``), b = 0.
-    """
-
-    def __init__(self, backbone: str, mode: str, way: int = 5, num_classes: int = 0, pre_head: str = "mlp",
-                 dropout_keep: float = 1.0) -> None:
+    def __init__(self, backbone: str, num_classes: int, pre_head: str = "mlp", dropout_keep: float = 1.0) -> None:
         super().__init__()
-        if mode not in ("pre", "meta"):
-            raise ValueError(f"mode must be 'pre' or 'meta', got {mode!r}")
-        self.mode = mode
-        self.way = way
-        if mode == "pre":
-            if num_classes <= 0:
-                raise ValueError(f"mode 'pre' needs num_classes > 0, got {num_classes}")
-            self.encoder = build_backbone(backbone, mtl=False, dropout_keep=dropout_keep)
-            d = self.encoder.out_dim
-            if pre_head == "mlp":
-                self.pre_fc = nn.Sequential(nn.Linear(d, 1000), nn.ReLU(), nn.Linear(1000, num_classes))
-            elif pre_head == "linear":
-                self.pre_fc = nn.Linear(d, num_classes)
-                nn.init.xavier_uniform_(self.pre_fc.weight)
-                nn.init.zeros_(self.pre_fc.bias)
-            else:
-                raise ValueError(f"pre_head must be 'mlp' or 'linear', got {pre_head!r}")
+        if num_classes <= 0:
+            raise ValueError(f"the pre-train model needs num_classes > 0, got {num_classes}")
+        self.encoder = build_backbone(backbone, mtl=False, dropout_keep=dropout_keep)
+        d = self.encoder.out_dim
+        if pre_head == "mlp":
+            self.pre_fc = nn.Sequential(nn.Linear(d, 1000), nn.ReLU(), nn.Linear(1000, num_classes))
+        elif pre_head == "linear":
+            self.pre_fc = nn.Linear(d, num_classes)
+            nn.init.xavier_uniform_(self.pre_fc.weight)
+            nn.init.zeros_(self.pre_fc.bias)
         else:
-            if way < 2:
-                raise ValueError(f"way must be >= 2, got {way}")
-            self.encoder = build_backbone(backbone, mtl=True, dropout_keep=1.0)
-            self.base_learner = nn.Linear(self.encoder.out_dim, way)
-            nn.init.kaiming_normal_(self.base_learner.weight)
-            nn.init.zeros_(self.base_learner.bias)
-            self.check_trainable()
+            raise ValueError(f"pre_head must be 'mlp' or 'linear', got {pre_head!r}")
 
     @property
     def out_dim(self) -> int:
@@ -228,52 +209,82 @@ class MtlLearner(nn.Module):
         """Images (B, 3, S, S) -> features (B, D)."""
         return self.encoder(x)
 
-    def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-train classification: images (B, 3, S, S) -> logits (B, num_classes)."""
-        if self.mode != "pre":
-            raise RuntimeError("forward_pre needs mode 'pre'")
-        return self.pre_fc(self.encoder(x))
+    def forward(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
+        """Classification over the base classes: images (B, 3, S, S) -> logits (B, num_classes). ``encoder``: the
+        module that encodes (default ``self.encoder``; the trainer passes its ``torch.compile`` view)."""
+        return self.pre_fc((self.encoder if encoder is None else encoder)(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mode "pre": ``forward_pre``; mode "meta": ``encode``."""
-        return self.forward_pre(x) if self.mode == "pre" else self.encode(x)
 
-    def meta_forward(self, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, update_step: int,
-                     base_lr: float, second_order: bool = False, loss_scale: float = 1.0) -> torch.Tensor:
-        """One task: adapt theta on the support set (Eq. 3), classify the query at theta_T.
+class MetaLearner(nn.Module):
+    """The meta model (paper Sec. 4.2): ``encoder`` = the backbone with SS convs (Eq. 6; frozen W, b; trainable Phi
+    and BN affine; no dropout) and ``base_learner`` = Linear(D, way), theta, W ~ kaiming_normal_ (fan_in, gain
+    sqrt(2), as the official ``fc1_w``), b = 0. State-dict keys ``encoder.*``, ``base_learner.*`` (ours and, through
+    ``utils.checkpoint.read_weights``, the official PyTorch meta checkpoints load unchanged)."""
+
+    def __init__(self, backbone: str, way: int = 5) -> None:
+        super().__init__()
+        if way < 2:
+            raise ValueError(f"way must be >= 2, got {way}")
+        self.way = way
+        self.encoder = build_backbone(backbone, mtl=True, dropout_keep=1.0)
+        self.base_learner = nn.Linear(self.encoder.out_dim, way)
+        nn.init.kaiming_normal_(self.base_learner.weight)
+        nn.init.zeros_(self.base_learner.bias)
+        self.check_trainable()
+
+    @property
+    def out_dim(self) -> int:
+        return self.encoder.out_dim
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> features (B, D)."""
+        return self.encoder(x)
+
+    forward = encode
+
+    def forward_tasks(self, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, update_step: int,
+                      base_lr: float, second_order: bool = False, loss_scale: float = 1.0,
+                      encoder: nn.Module | None = None) -> torch.Tensor:
+        """The T tasks of a meta-batch (Alg. 2 lines 3-6): adapt theta on each support set (Eq. 3), classify each
+        query at its adapted theta_T.
+
+        Each task's query and support go through the encoder as separate forward passes, task after task and query
+        before support (the official order), so train-mode BN uses the same batch statistics and updates its
+        running statistics in the same order as the official one-task step. First order (official PyTorch) encodes
+        the support without a graph and adapts with the closed-form gradient; a straight-through identity makes
+        the query loss's gradient w.r.t. theta its gradient w.r.t. theta_T (SS/BN learn through the query path
+        only, Eq. 4-5 first order). Second order (official TF) encodes the support with a graph and differentiates
+        through the inner loop. One batched :func:`inner_loop` adapts the T copies of theta; the tasks' losses are
+        independent, so this is exact (``tests/trainer/test_speed_paths.py``).
 
         Args:
-            x_s: (way*shot, 3, S, S) support images; y_s: (way*shot,) long labels in [0, way).
-            x_q: (n_q, 3, S, S) query images.
-            update_step: inner steps; base_lr: inner lr beta; loss_scale: see :func:`inner_loop`.
-            second_order: False (official PT): the query is encoded with grad, the support under ``torch.no_grad()``
-                (BN in train mode still uses its batch statistics and updates the running stats, as the official
-                two separate forward passes), closed-form inner loop, and a straight-through identity so the query
-                loss gradient w.r.t. theta equals its gradient w.r.t. theta_T; SS/BN learn only through the query
-                path (Eq. 4-5, first order). True (official TF): the support is encoded with grad and the inner loop
-                is differentiated through, so SS/BN and theta also receive gradient through the support path.
-
+            x_s: (T, way*shot, 3, S, S) support images; y_s: (way*shot,) long labels in [0, way), the same for
+                every task (the episode layout).
+            x_q: (T, n_q, 3, S, S) query images.
+            update_step, base_lr, loss_scale: the inner loop (Eq. 3, :func:`inner_loop`).
+            encoder: the module that encodes (default ``self.encoder``; the trainer passes the ``torch.compile``
+                view of the same encoder under ``--compile``).
         Returns:
-            logits_q (n_q, way) = query features @ W_T^T + b_T.
+            (T, n_q, way) query logits.
         """
-        if self.mode != "meta":
-            raise RuntimeError("meta_forward needs mode 'meta'")
-        emb_q = self.encoder(x_q)  # official order: query first, then support
-        if second_order:
-            emb_s = self.encoder(x_s)
-        else:
-            with torch.no_grad():
-                emb_s = self.encoder(x_s)
-        w0 = self.base_learner.weight.unsqueeze(0)
-        b0 = self.base_learner.bias.unsqueeze(0)
-        w_t, b_t = inner_loop(emb_s.unsqueeze(0), y_s.unsqueeze(0), w0, b0, update_step, base_lr,
+        enc = self.encoder if encoder is None else encoder
+        t = x_s.shape[0]
+        emb_q, emb_s = [], []
+        for i in range(t):
+            emb_q.append(enc(x_q[i]))  # official order: query first, then support
+            if second_order:
+                emb_s.append(enc(x_s[i]))
+            else:
+                with torch.no_grad():
+                    emb_s.append(enc(x_s[i]))
+        w0 = self.base_learner.weight.unsqueeze(0).expand(t, -1, -1)
+        b0 = self.base_learner.bias.unsqueeze(0).expand(t, -1)
+        w_t, b_t = inner_loop(torch.stack(emb_s), y_s.unsqueeze(0).expand(t, -1), w0, b0, update_step, base_lr,
                               order="second" if second_order else "first", loss_scale=loss_scale)
-        return F.linear(emb_q, w_t[0].to(emb_q.dtype), b_t[0].to(emb_q.dtype))
+        return torch.stack([F.linear(q, w.to(q.dtype), b.to(q.dtype)) for q, w, b in zip(emb_q, w_t, b_t)])
 
     def check_trainable(self) -> None:
-        """Meta mode: only SS parameters (mtl_weight/mtl_bias), BN affine and the base learner may require grad."""
-        if self.mode != "meta":
-            return
+        """Only SS parameters (mtl_weight/mtl_bias), BN affine and the base learner may require grad."""
         allowed = set()
         for m in self.encoder.modules():
             if isinstance(m, Conv2dMtl):
@@ -283,16 +294,14 @@ class MtlLearner(nn.Module):
         allowed.update(id(p) for p in self.base_learner.parameters())
         wrong = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in allowed]
         if wrong:
-            raise RuntimeError(f"meta mode: frozen parameters require grad: {', '.join(wrong[:5])}"
+            raise RuntimeError(f"meta model: frozen parameters require grad: {', '.join(wrong[:5])}"
                                f"{' ...' if len(wrong) > 5 else ''}")
         plain = [n for n, m in self.encoder.named_modules() if type(m) is nn.Conv2d]
         if plain:
-            raise RuntimeError(f"meta mode: encoder has plain convolutions: {', '.join(plain[:5])}")
+            raise RuntimeError(f"meta model: encoder has plain convolutions: {', '.join(plain[:5])}")
 
     def meta_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The two Adam groups of the meta phase: (SS + BN affine params [meta_lr1], base-learner params [meta_lr2])."""
-        if self.mode != "meta":
-            raise RuntimeError("meta_parameters needs mode 'meta'")
         self.check_trainable()
         ss_bn = [p for p in self.encoder.parameters() if p.requires_grad]
         return ss_bn, list(self.base_learner.parameters())

@@ -23,6 +23,7 @@ Backbones (reference §2):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from .conv2d_mtl import Conv2dMtl
 
-__all__ = ["BACKBONES", "build_backbone", "min_image_size", "Backbone", "ResNet12", "ResNet25", "Conv4"]
+__all__ = ["BACKBONES", "BackboneSpec", "build_backbone", "min_image_size", "Backbone", "ResNet12", "ResNet25", "Conv4"]
 
 
 def _conv_cls(mtl: bool) -> type[nn.Conv2d]:
@@ -202,14 +203,27 @@ class Conv4(Backbone):
 
 
 # ------------------------------------------------------------------------------------------------------------ registry
-BACKBONES: dict[str, Callable[[bool, float], Backbone]] = {
-    "resnet12": lambda mtl, keep: ResNet12((64, 128, 256, 512), mtl, keep, name="resnet12"),
-    "resnet12_wide": lambda mtl, keep: ResNet12((64, 160, 320, 640), mtl, keep, name="resnet12_wide"),
-    "resnet12_slim": lambda mtl, keep: ResNet12((32, 64, 128, 256), mtl, keep, name="resnet12_slim"),
-    "resnet25": lambda mtl, keep: ResNet25(mtl, keep, name="resnet25"),
-    "conv4": lambda mtl, keep: Conv4(mtl, keep, name="conv4"),
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One entry of the registry: ``build(mtl, dropout_keep)``, the smallest input side it accepts (every pooling
+    stage keeps >= 1 pixel), and the recipe it was published with (``utils/options.py``: the default recipe when
+    ``--recipe`` is not given)."""
+
+    build: Callable[[bool, float], Backbone]
+    min_size: int
+    recipe: str
+
+
+# The single list of backbone names: main.py's --backbone choices and every other list are read from it.
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet12": BackboneSpec(lambda mtl, keep: ResNet12((64, 128, 256, 512), mtl, keep, name="resnet12"), 16, "paper"),
+    "resnet12_wide": BackboneSpec(lambda mtl, keep: ResNet12((64, 160, 320, 640), mtl, keep, name="resnet12_wide"),
+                                  16, "paper"),
+    "resnet12_slim": BackboneSpec(lambda mtl, keep: ResNet12((32, 64, 128, 256), mtl, keep, name="resnet12_slim"),
+                                  16, "paper"),
+    "resnet25": BackboneSpec(lambda mtl, keep: ResNet25(mtl, keep, name="resnet25"), 8, "pytorch"),
+    "conv4": BackboneSpec(lambda mtl, keep: Conv4(mtl, keep, name="conv4"), 16, "pytorch"),
 }
-_MIN_SIZE = {"resnet12": 16, "resnet12_wide": 16, "resnet12_slim": 16, "resnet25": 8, "conv4": 16}
 
 
 def _check_name(name: str) -> None:
@@ -220,7 +234,7 @@ def _check_name(name: str) -> None:
 def min_image_size(name: str) -> int:
     """Smallest square input side (px) the backbone accepts (every pooling stage keeps >= 1 pixel)."""
     _check_name(name)
-    return _MIN_SIZE[name]
+    return BACKBONES[name].min_size
 
 
 def build_backbone(name: str, mtl: bool, dropout_keep: float = 1.0) -> Backbone:
@@ -228,4 +242,4 @@ def build_backbone(name: str, mtl: bool, dropout_keep: float = 1.0) -> Backbone:
     W, b; trainable SS, Eq. 6). ``dropout_keep`` < 1 adds nn.Dropout modules (pre-train only; ``eval()`` disables them).
     """
     _check_name(name)
-    return BACKBONES[name](bool(mtl), float(dropout_keep))
+    return BACKBONES[name].build(bool(mtl), float(dropout_keep))

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 import main
 from data_generator.meta_data_generator import CategoriesSampler, episode_labels
 from models.resnet_mtl import BACKBONES
-from trainer.meta import MetaTrainer, meta_batch_forward
+from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.misc import seed_everything
 from utils.options import BACKBONE_RECIPE, RECIPES, parse_args
+from utils.settings import Settings
 
 SIZE = 16
 SCHEDULE_PRE = ["--pre_max_epoch", "2", "--pre_iters_per_epoch", "6", "--pre_batch_size", "16"]
@@ -69,7 +70,7 @@ def _query_loss(trainer: MetaTrainer, episodes: list[np.ndarray]) -> float:
     x = trainer.data.eval_transform(torch.from_numpy(trainer.train_set.images[idx]))
     x = x.view(len(episodes), -1, *x.shape[1:])
     with torch.no_grad():
-        logits = meta_batch_forward(model, x[:, :n_s], episode_labels(a.way, a.shot), x[:, n_s:], a.update_step,
+        logits = model.forward_tasks(x[:, :n_s], episode_labels(a.way, a.shot), x[:, n_s:], a.update_step,
                                     a.base_lr, second_order=False, loss_scale=trainer.loss_scale)
     y_q = episode_labels(a.way, a.train_query).repeat(len(episodes))
     return F.cross_entropy(logits.reshape(-1, a.way), y_q).item()
@@ -83,7 +84,7 @@ def _train_set_loss(trainer: PreTrainer) -> float:
             m.eval()
     x = trainer.data.eval_transform(torch.from_numpy(np.asarray(trainer.train_set.images)))
     with torch.no_grad():
-        return F.cross_entropy(model.forward_pre(x), torch.from_numpy(trainer.train_set.labels)).item()
+        return F.cross_entropy(model(x), torch.from_numpy(trainer.train_set.labels)).item()
 
 
 def _run_measured(trainer, measure) -> tuple[float, float]:
@@ -104,7 +105,7 @@ def test_backbone_trains_with_defaults(data, tmp_path, backbone, recipe):
     args = parse_args(["--phase", "pre_train"] + SCHEDULE_PRE + flags)
     main.validate_args(args)
     seed_everything(args.seed)
-    before, after = _run_measured(PreTrainer(args, torch.device("cpu")), _train_set_loss)
+    before, after = _run_measured(PreTrainer(Settings.from_args(args), torch.device("cpu")), _train_set_loss)
     assert math.isfinite(before) and after < before, (before, after)
     pre_dir = tmp_path / "pre" / f"custom_{backbone}"
     log = json.loads((pre_dir / "trlog.json").read_text())
@@ -116,7 +117,7 @@ def test_backbone_trains_with_defaults(data, tmp_path, backbone, recipe):
     assert args.recipe == expected
     main.validate_args(args)
     seed_everything(args.seed)
-    trainer = MetaTrainer(args, torch.device("cpu"))
+    trainer = MetaTrainer(Settings.from_args(args), torch.device("cpu"))
     replay = CategoriesSampler(np.load(data)["train_labels"], args.num_batch, args.way, args.shot, args.train_query,
                                args.seed)
     episodes = [replay.sample() for _ in range(args.num_batch)]  # the tasks run() will train on, in order

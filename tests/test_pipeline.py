@@ -61,7 +61,7 @@ def test_ft_baseline_and_centroid_on_pretrained_checkpoint(run_dirs, capsys):
 
 
 def _official_meta_checkpoint(path, way=5, seed=0):
-    """A checkpoint in the official PyTorch meta phase's layout: {'params': MtlLearner.state_dict()} with the
+    """A checkpoint in the official PyTorch meta phase's layout: {'params': <official MtlLearner>.state_dict()} with the
     encoder under 'encoder.' and the base learner as fc1_w / fc1_b plus their aliases vars.0 / vars.1."""
     import torch
     from models.resnet_mtl import build_backbone

@@ -7,7 +7,6 @@ A subclass provides ``build()`` (model, optimizer, samplers), ``train_epoch(epoc
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -18,20 +17,13 @@ import numpy as np
 import torch
 
 from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
+from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
-from utils.options import settings_dict
-
-# Settings a resumed run may change: how long it runs, where and how fast it computes, what it prints, and the
-# meta-test-only flags. Every other setting stored in resume.pth must match (another backbone, way, dataset,
-# learning rate, optimizer, ... is an error, never a silent mix of two runs).
-RESUME_MAY_DIFFER = ("resume", "stop_after_epoch", "max_epoch", "pre_max_epoch", "quiet", "device", "gpu",
-                     "num_workers", "cache_dir", "eval_batch_size", "amp", "channels_last", "compile",
-                     "deterministic", "log_root", "recipe", "recipe_source", "pre_save_every", "eval_weights", "meta_test_dir",
-                     "num_test_episodes", "test_update_step", "eval_classifier")
-
+from utils.options import resume_may_differ, settings_dict
+from utils.settings import DataSettings, EvalSettings, Settings
 
 def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
     """Step schedule with the official epoch semantics (reference section 12.1): the official code calls
@@ -39,17 +31,6 @@ def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: fl
     ``lr0 * gamma ** (e // step_size)`` (pre-train: epochs 1-29 at 0.1, 30-59 at 0.02, ...), never below
     ``floor``."""
     return max(lr0 * gamma ** (epoch // step_size), floor)
-
-
-def log_dir_pre(args: argparse.Namespace) -> str:
-    label = f"_{args.pre_label}" if args.pre_label else ""
-    return os.path.join(args.log_root, "pre", f"{args.dataset}_{args.backbone}{label}")
-
-
-def log_dir_meta(args: argparse.Namespace) -> str:
-    ht = "_HT" if args.hard_task else ""
-    return os.path.join(args.log_root, "meta",
-                        f"{args.dataset}_{args.backbone}_{args.way}way{args.shot}shot{ht}_{args.meta_label}")
 
 
 def ensure_writable(path: str) -> None:
@@ -65,23 +46,21 @@ def ensure_writable(path: str) -> None:
 
 
 class DataBundle:
-    """The transform and the image splits of one run, loaded once."""
+    """The transforms and the image splits of one run (:class:`utils.settings.DataSettings`), loaded on demand."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.eval_transform = BatchTransform(args.image_size, args.preprocess, augment=False)
-        self.train_transform = BatchTransform(args.image_size, args.preprocess,
-                                              augment=args.pre_augment == "on")
-        cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
-        self.cache_dir = None if cache == "none" else cache
+    def __init__(self, data: DataSettings):
+        self.settings = data
+        self.eval_transform = BatchTransform(data.image_size, data.preprocess, augment=False)
+        self.train_transform = BatchTransform(data.image_size, data.preprocess, augment=data.augment)
+        self.cache_dir = data.cache_dir
 
     def spec(self, role: str) -> str:
-        a = self.args
-        explicit = {"pre_train": a.pre_train_dir, "meta_train": a.meta_train_dir, "val": a.meta_val_dir,
-                    "test": a.meta_test_dir}[role]
+        d = self.settings
+        explicit = {"pre_train": d.pre_train_dir, "meta_train": d.meta_train_dir, "val": d.meta_val_dir,
+                    "test": d.meta_test_dir}[role]
         if explicit:
             return explicit
-        return split_spec(a.dataset_dir, {"pre_train": "train", "meta_train": "train", "val": "val",
+        return split_spec(d.dataset_dir, {"pre_train": "train", "meta_train": "train", "val": "val",
                                           "test": "test"}[role])
 
     def load(self, role: str) -> ImageSet:
@@ -90,7 +69,7 @@ class DataBundle:
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
-        return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.args.num_workers)
+        return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.settings.num_workers)
 
 
 class ScalarEvents:
@@ -129,11 +108,13 @@ class BaseTrainer:
 
     kind = "base"
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, log_dir: str):
-        self.args = args
+    def __init__(self, settings: Settings, device: torch.device, log_dir: str):
+        self.settings = settings
+        self.args = settings.args  # the flat record: optimizer numbers, and what checkpoints store
+        args = settings.args
         self.device = device
         self.log_dir = log_dir
-        self.data = DataBundle(args)
+        self.data = DataBundle(settings.data)
         self.progress = not args.quiet
         self.trlog: list[dict[str, Any]] = []
         self.best_acc = -1.0
@@ -166,10 +147,9 @@ class BaseTrainer:
         pass
 
     # ----------------------------------------------------------------- shared
-    def fixed_val_episodes(self, imageset: ImageSet, n: int, query: int) -> np.ndarray:
-        from data_generator.meta_data_generator import fixed_episodes
-        check_episode_fit(imageset, self.args.way, self.args.shot + query, "validation")
-        return fixed_episodes(imageset.labels, n, self.args.way, self.args.shot, query, self.args.eval_seed)
+    def fixed_val_episodes(self, imageset: ImageSet, ev: EvalSettings) -> np.ndarray:
+        check_episode_fit(imageset, ev.way, ev.shot + ev.query, "validation")
+        return fixed_episodes(imageset.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
 
     def checkpoint(self, epoch: int, val_acc: float) -> dict[str, Any]:
         ck = {"format": FORMAT, "kind": self.kind, "backbone": self.args.backbone,
@@ -179,15 +159,15 @@ class BaseTrainer:
 
     def resume_state(self, epoch: int) -> dict[str, Any]:
         """Everything a resumed run needs (docs/REPRODUCIBILITY.md). The LR schedule is a pure function of the
-        epoch and the stored settings (``set_lr``), so the epoch is its whole state. There is no AMP grad scaler:
-        ``--amp`` is bf16 autocast only (``utils.gpu_tools.autocast``), which needs none."""
+        epoch and the stored settings (``set_lr``), so the epoch is its whole state. (``--amp`` is bf16 autocast
+        only, ``utils.gpu_tools.autocast``, which needs no grad scaler.)"""
         best = os.path.join(self.log_dir, "max_acc.pth") if self.best_epoch else None
         return {"format": FORMAT, "kind": f"resume-{self.kind}", "args": settings_dict(self.args),
                 "epoch": epoch, "iterations_per_epoch": self.iterations_per_epoch(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_checkpoint": best,
                 "trlog": self.trlog, "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(),
-                "amp_scaler": None, "extra": self.extra_state()}
+                "extra": self.extra_state()}
 
     def iterations_per_epoch(self) -> int:
         return 0
@@ -219,8 +199,9 @@ class BaseTrainer:
         old = st["args"]
         if self.args.seed == 0 and "seed" in old:  # --seed 0 on resume: the seed the run drew and stored
             self.args.seed = old["seed"]
+        may_differ = resume_may_differ()
         for k in sorted(old):
-            if k in RESUME_MAY_DIFFER or not hasattr(self.args, k):
+            if k in may_differ or not hasattr(self.args, k):
                 continue
             if old[k] != getattr(self.args, k):
                 raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "

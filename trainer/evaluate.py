@@ -7,7 +7,7 @@ is compared on the same episodes. Two paths compute the same numbers:
   on the batch, so each image of the split is encoded once; then all episodes' inner loops run together on
   the stored features, ``(E, way, D)`` fast weights and batched matmuls, with the closed-form gradient.
 * **episodic** (``--eval_mode episodic``): the straightforward reference, one episode at a time through the
-  encoder (query, then support, as the official ``meta_forward``) and an autograd inner loop.
+  encoder (query, then support, as the official ``meta_forward`` and ``MetaLearner.forward_tasks``) and an autograd inner loop.
 
 When the two agree: in exact arithmetic they are the same function (``tests/trainer/test_speed_paths.py`` checks
 this in float64). In float32 they round differently (batched vs one-episode encoder passes, closed-form vs autograd
@@ -31,9 +31,11 @@ from torch import nn
 from tqdm import tqdm
 
 from data_generator.dataset_loader import ImageSet
-from data_generator.meta_data_generator import episode_labels
+from data_generator.meta_data_generator import by_class, episode_labels
 from models.mtl import inner_loop
 from utils.gpu_tools import autocast, to_device
+from utils.misc import mean_ci
+from utils.settings import EvalSettings
 
 
 def init_head(way: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +73,30 @@ def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torc
     return torch.cat(out).clone()
 
 
+def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, init_w: torch.Tensor,
+             init_b: torch.Tensor, ev: EvalSettings, device: torch.device,
+             desc: str = "encode") -> tuple[float, float, np.ndarray]:
+    """The one evaluation entry point (pre-train validation, meta-validation, meta-test).
+
+    Args:
+        episodes: ``(E, way * (shot + query))`` fixed episodes (``fixed_episodes``) of ``imageset``.
+        init_w, init_b: ``(way, D)``, ``(way,)`` the base learner's initialisation (finetune).
+        ev: the evaluation's settings: the inner loop, bank or episodic, finetune or centroid, batch size, AMP.
+    Returns:
+        ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1].
+    """
+    if ev.mode == "episodic":
+        accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
+                                 ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
+                                 progress=ev.progress, amp=ev.amp)
+    else:
+        feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress, desc=desc)
+        accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
+                             ev.classifier, ev.inner.loss_scale)
+    mean, ci = mean_ci(accs)
+    return mean, ci, accs
+
+
 def _classify(feat_s: torch.Tensor, feat_q: torch.Tensor, way: int, shot: int, init_w: torch.Tensor,
               init_b: torch.Tensor, steps: int, lr: float, classifier: str, loss_scale: float,
               order: str) -> torch.Tensor:
@@ -85,7 +111,7 @@ def _classify(feat_s: torch.Tensor, feat_q: torch.Tensor, way: int, shot: int, i
     """
     e, _, d = feat_s.shape
     if classifier == "centroid":
-        protos = feat_s.view(e, shot, way, d).mean(1)                       # (E, way, D)
+        protos = by_class(feat_s, way, dim=1).mean(1)                       # (E, way, D)
         return -torch.cdist(feat_q, protos).pow(2)
     y_s = episode_labels(way, shot).to(feat_s.device).expand(e, -1)
     w = init_w.to(feat_s).expand(e, -1, -1).clone()

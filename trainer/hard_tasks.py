@@ -5,8 +5,11 @@ computed and the task's **failure class** (the class with the lowest accuracy, t
 seeded generator) is recorded. Then ``--ht_hard_tasks`` hard tasks are built from the recorded failure classes:
 ``way`` classes drawn from them, with **freshly sampled** support and query images (paper Sec. 4.3: re-sampling
 images of the failure classes "works better in general" than reusing the failed ones), excluding every image
-the meta-batch used. Each hard task runs the same inner loop and outer update. The record is emptied after each
-meta-batch.
+the meta-batch used. The record is emptied after each meta-batch.
+
+The two halves of Alg. 1 have one home each: :class:`HardTaskPlanner` (this module) records the failure classes
+and returns the hard tasks; the trainer (``MetaTrainer.train_epoch``) runs them with the same inner loop, and owns
+their weights and the outer updates.
 
 Choices the CVPR paper leaves open (reference section 10), as flags:
 
@@ -22,28 +25,40 @@ Every meta-batch writes one JSON line to ``hard_tasks.jsonl`` in the run's log f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_generator.dataset_loader import ImageSet
+from data_generator.meta_data_generator import layout
+from utils.misc import generator_state, set_generator_state
+from utils.settings import HardTaskSettings
 
 
-class HardTaskScheduler:
-    """Records failure classes of a meta-batch and runs the hard tasks built from them."""
+@dataclass(frozen=True)
+class HardTask:
+    """One hard task: ``classes`` (way,) dataset class ids in episode label order, ``topped_up`` those of them that
+    are not failure classes (the top-up), and its ``episode`` (the sampler's layout, fresh images)."""
 
-    def __init__(self, args: argparse.Namespace, train_set: ImageSet, sampler, log_dir: str):
-        self.args = args
-        self.way, self.shot, self.query = args.way, args.shot, args.train_query
-        self.normal_tasks = args.ht_normal_tasks or args.meta_batch_size
+    classes: list[int]
+    topped_up: list[int]
+    episode: np.ndarray
+
+
+class HardTaskPlanner:
+    """Records the failure classes of a meta-batch and plans the hard tasks built from them (Alg. 1 lines 8-15)."""
+
+    def __init__(self, hs: HardTaskSettings, train_set: ImageSet, log_dir: str):
+        self.settings = hs
+        self.way, self.shot, self.query = hs.way, hs.shot, hs.query
+        self.normal_tasks = hs.normal_tasks
         self.train_set = train_set
         self.class_indices = train_set.class_indices()
-        self.rng = np.random.Generator(np.random.PCG64(args.seed + 7919))
+        self.rng = np.random.Generator(np.random.PCG64(hs.seed + 7919))
         self.log_path = os.path.join(log_dir, "hard_tasks.jsonl")
         self.reset()
-
     def reset(self) -> None:
         self.failures: list[int] = []          # failure class of each normal task (dataset class ids)
         self.failure_acc: list[float] = []
@@ -97,48 +112,36 @@ class HardTaskScheduler:
             fresh = np.array([i for i in idx if int(i) not in self.used], dtype=np.int64)
             pool = fresh if len(fresh) >= n else idx
             per_class.append(self.rng.choice(pool, n, replace=False))
-        block = np.stack(per_class)                               # (way, shot + query)
-        support = block[:, : self.shot].T.reshape(-1)             # interleaved by class, as the sampler
-        query = block[:, self.shot:].T.reshape(-1)
-        return np.concatenate([support, query])
+        return layout(np.stack(per_class), self.shot)
 
-    def run_hard_tasks(self, trainer, iteration: int, timer, shared: bool) -> None:
-        """Alg. 1 lines 15-20: build and run the hard tasks, log the meta-batch, empty the record."""
-        names = self.train_set.class_names
-        tasks, topped_all = [], []
-        for _ in range(self.args.ht_hard_tasks):
+    def plan(self) -> list[HardTask]:
+        """Alg. 1 line 15: the ``--ht_hard_tasks`` hard tasks of this meta-batch, from the record."""
+        tasks = []
+        for _ in range(self.settings.hard_tasks):
             classes, topped = self.hard_classes()
-            tasks.append((classes, self.sample_episode(classes)))
-            topped_all.extend(c for c in topped if c not in topped_all)
-        n_normal = self.normal_tasks
-        if shared and tasks:
-            total = n_normal + len(tasks)
-            for p in trainer.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(n_normal / total)
-        for classes, ep in tasks:
-            trainer.run_task(ep, (1.0 / (n_normal + len(tasks))) if shared else 1.0, timer)
-            if not shared:
-                trainer.outer_step()
+            tasks.append(HardTask(classes, topped, self.sample_episode(classes)))
+        return tasks
+
+    def log(self, iteration: int, tasks: list[HardTask]) -> None:
+        """One JSON line for the meta-batch in ``hard_tasks.jsonl``; then the record is emptied."""
+        names = self.train_set.class_names
+        topped_all: list[int] = []
+        for t in tasks:
+            topped_all.extend(c for c in t.topped_up if c not in topped_all)
         entry = {"iteration": iteration,
                  "failure_classes": [names[c] for c in self.failures],
                  "failure_accuracies": [round(a, 4) for a in self.failure_acc],
                  "topped_up": [names[c] for c in topped_all],
-                 "hard_tasks": [[names[c] for c in classes] for classes, _ in tasks]}
+                 "hard_tasks": [[names[c] for c in t.classes] for t in tasks]}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         self.reset()
 
     def state_dict(self) -> dict:
-        st = self.rng.bit_generator.state
-        return {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
-                "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]}
+        return generator_state(self.rng)
 
     def load_state_dict(self, s: dict) -> None:
-        self.rng.bit_generator.state = {"bit_generator": "PCG64",
-                                        "state": {"state": int(s["state"]), "inc": int(s["inc"])},
-                                        "has_uint32": s["has_uint32"], "uinteger": s["uinteger"]}
-
+        set_generator_state(self.rng, s)
     def truncate_log(self, last_iteration: int) -> None:
         """After a resume: drop log lines a killed run wrote past its last checkpoint."""
         if not os.path.exists(self.log_path):

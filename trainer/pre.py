@@ -9,18 +9,17 @@ The paper's recipe (``--recipe paper``) uses Adam, batch 64, dropout and a linea
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.mtl import MtlLearner
-from trainer.base import BaseTrainer, log_dir_pre, scheduled_lr
-from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
+from models.mtl import PreLearner
+from trainer.base import BaseTrainer, scheduled_lr
+from trainer.evaluate import evaluate, init_head
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
-from utils.misc import Averager, Timer, mean_ci
+from utils.misc import Averager, Timer, generator_state, set_generator_state
+from utils.settings import Settings
 
 
 class BatchStream:
@@ -55,16 +54,10 @@ class BatchStream:
         return out
 
     def state_dict(self) -> dict:
-        st = self.rng.bit_generator.state
-        return {"rng": {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
-                        "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]},
-                "perm": torch.from_numpy(self.perm.copy()), "pos": self.pos}
+        return {"rng": generator_state(self.rng), "perm": torch.from_numpy(self.perm.copy()), "pos": self.pos}
 
     def load_state_dict(self, s: dict) -> None:
-        r = s["rng"]
-        self.rng.bit_generator.state = {"bit_generator": "PCG64",
-                                        "state": {"state": int(r["state"]), "inc": int(r["inc"])},
-                                        "has_uint32": r["has_uint32"], "uinteger": r["uinteger"]}
+        set_generator_state(self.rng, s["rng"])
         self.perm = s["perm"].numpy().copy()
         self.pos = int(s["pos"])
 
@@ -72,17 +65,17 @@ class BatchStream:
 class PreTrainer(BaseTrainer):
     kind = "pre"
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        super().__init__(args, device, log_dir_pre(args))
-        self.max_epoch = args.pre_max_epoch
+    def __init__(self, settings: Settings, device: torch.device):
+        super().__init__(settings, device, settings.paths.pre_dir)
+        self.max_epoch = settings.args.pre_max_epoch
 
     def build(self) -> None:
         a = self.args
         self.train_set = self.data.load("pre_train")
         self.val_set = self.data.load("val")
-        self.val_episodes = self.fixed_val_episodes(self.val_set, a.num_val_episodes, a.val_query)
-        self.model = MtlLearner(a.backbone, "pre", way=a.way, num_classes=self.train_set.num_classes,
-                                pre_head=a.pre_head, dropout_keep=a.pre_dropout_keep).to(self.device)
+        self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.pre_val)
+        self.model = PreLearner(a.backbone, num_classes=self.train_set.num_classes, pre_head=a.pre_head,
+                                dropout_keep=a.pre_dropout_keep).to(self.device)
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
         # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save
@@ -124,10 +117,8 @@ class PreTrainer(BaseTrainer):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """The compute half of a step: forward, cross-entropy, backward, optimizer step.
         Returns the loss and the batch accuracy (one device sync for both)."""
-        encoder = getattr(self, "train_encoder", None)
-        encoder = self.model.encoder if encoder is None else encoder
         with autocast(self.device, self.args.amp):
-            logits = self.model.pre_fc(encoder(x))  # = self.model.forward_pre(x), through the compiled encoder
+            logits = self.model(x, encoder=self.train_encoder)
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,17 +146,9 @@ class PreTrainer(BaseTrainer):
 
     def validate(self, epoch: int) -> tuple[float, float]:
         """Few-shot validation of the encoder: a fresh linear head fine-tuned on each episode's support."""
-        a = self.args
-        if a.eval_mode == "episodic":
-            accs = evaluate_episodic(self.model.encoder, self.val_set, self.data.eval_transform, self.val_episodes,
-                                     a.way, a.shot, self.head_w, self.head_b, a.pre_val_update_step,
-                                     a.pre_val_base_lr, self.device, progress=self.progress, amp=a.amp)
-        else:
-            feats = encode_split(self.model.encoder, self.val_set, self.data.eval_transform, self.device,
-                                 a.eval_batch_size, a.amp, self.progress, desc="encode val")
-            accs = evaluate_bank(feats, self.val_episodes, a.way, a.shot, self.head_w, self.head_b,
-                                 a.pre_val_update_step, a.pre_val_base_lr)
-        return mean_ci(accs)
+        mean, ci, _ = evaluate(self.model.encoder, self.val_set, self.data.eval_transform, self.val_episodes,
+                               self.head_w, self.head_b, self.settings.pre_val, self.device, desc="encode val")
+        return mean, ci
 
     def model_checkpoint(self) -> dict:
         return {"encoder": self.model.encoder.state_dict(), "pre_fc": self.model.pre_fc.state_dict(),

@@ -112,6 +112,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def generator_state(gen: np.random.Generator) -> dict[str, Any]:
+    """The state of a ``np.random.Generator(PCG64)`` as a dict that ``torch.load(weights_only=True)`` and JSON
+    accept (its 128-bit integers as decimal strings). Inverse: :func:`set_generator_state`."""
+    st = gen.bit_generator.state
+    if st["bit_generator"] != "PCG64":
+        raise ValueError(f"expected a PCG64 generator, got {st['bit_generator']}")
+    return {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
+            "has_uint32": int(st["has_uint32"]), "uinteger": int(st["uinteger"])}
+
+
+def set_generator_state(gen: np.random.Generator, s: dict[str, Any]) -> None:
+    """Restore a :func:`generator_state` into ``gen`` (a ``np.random.Generator(PCG64)``)."""
+    gen.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": int(s["state"]), "inc": int(s["inc"])},
+                               "has_uint32": int(s["has_uint32"]), "uinteger": int(s["uinteger"])}
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
     moment leaves either the old file or the new one, never half a file. ``write`` gets the open file."""

@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from models.resnet_mtl import BACKBONES
+
 PHASES = ("pre_train", "meta_train", "meta_eval")
 DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "glyphs", "custom")
 
@@ -56,15 +58,14 @@ RECIPES: dict[str, dict[str, object]] = {
 }
 
 
-# The recipe a backbone gets when --recipe is not given.
-BACKBONE_RECIPE: dict[str, str] = {"resnet12": "paper", "resnet12_wide": "paper", "resnet12_slim": "paper",
-                                   "resnet25": "pytorch", "conv4": "pytorch"}
+# The recipe a backbone gets when --recipe is not given: the one it was published with (the backbone registry).
+BACKBONE_RECIPE: dict[str, str] = {name: spec.recipe for name, spec in BACKBONES.items()}
 
 # (recipe, backbone) -> defaults that replace the recipe's for that backbone. The TF ResNet-12's unnormalised shortcut
 # chain diverges under SGD at the official lr 0.1 (measured: loss 9.3 then 1.4e5 then NaN in three 4-iteration epochs of
 # resnet12_slim on 32-px data; at 0.01 it falls 3.0 -> 1.8 -> 1.1), so the PyTorch recipe pre-trains it at 0.01.
 RECIPE_BACKBONE_OVERRIDES: dict[tuple[str, str], dict[str, object]] = {
-    ("pytorch", name): {"pre_lr": 0.01} for name in ("resnet12", "resnet12_wide", "resnet12_slim")}
+    ("pytorch", name): {"pre_lr": 0.01} for name in BACKBONES if name.startswith("resnet12")}
 
 
 def positive_int(text: str) -> int:
@@ -102,20 +103,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python main.py --help)\n")
 
 
+def _flexible(add):
+    """Wrap ``add_argument`` so that every flag it defines may differ on ``--resume`` (see :func:`flex`)."""
+    return lambda *names, **kw: flex(add(*names, **kw))
+
+
+def flex(action: argparse.Action) -> argparse.Action:
+    """Mark a flag as one a resumed run may change: how long it runs, where and how fast it computes, what it
+    prints, and the meta-test-only flags. Every other setting stored in ``resume.pth`` must match on ``--resume``
+    (another backbone, way, learning rate, ... is an error, never a silent mix of two runs)."""
+    action.resume_may_differ = True  # type: ignore[attr-defined]
+    return action
+
+
+def resume_may_differ() -> frozenset[str]:
+    """The settings a resumed run may change: the flags marked with :func:`flex`, and ``recipe_source``."""
+    return frozenset(a.dest for a in build_parser()._actions if getattr(a, "resume_may_differ", False)) | {
+        "recipe_source"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Meta-Transfer Learning (Sun et al., CVPR 2019): pre-train, meta-train, meta-test.")
     a = p.add_argument
 
     g = p.add_argument_group("official PyTorch flags (same names, defaults and meanings)")
     a = g.add_argument
-    a("--model_type", default="ResNet", choices=["ResNet"], help="kept for compatibility; see --backbone")
+    a("--model_type", default="ResNet", choices=["ResNet"], help=argparse.SUPPRESS)  # official scripts pass it
     a("--dataset", default="miniImageNet", choices=DATASETS, help="dataset name (log folder names)")
     a("--phase", default="meta_train", choices=PHASES)
     a("--seed", type=int, default=0, help="0 = draw a random seed (printed and stored); N = fully seeded run")
-    a("--gpu", default=None, help="CUDA_VISIBLE_DEVICES to set (default: leave it alone)")
+    flex(a("--gpu", default=None, help="CUDA_VISIBLE_DEVICES to set (default: leave it alone)"))
     a("--dataset_dir", default="./data/mini/",
       help="root with train/ val/ test/ class folders, or a .npz pack (e.g. data/glyphs100.npz)")
-    a("--max_epoch", type=positive_int, default=100, help="meta-train epochs")
+    flex(a("--max_epoch", type=positive_int, default=100, help="meta-train epochs"))
     a("--num_batch", type=positive_int, default=100, help="meta-batches (outer updates) per meta-train epoch")
     a("--shot", type=positive_int, default=1)
     a("--way", type=positive_int, default=5)
@@ -129,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
     a("--init_weights", default=None,
       help="pre-trained encoder checkpoint for meta_train ('scratch': a random backbone, the no-pre-training ablation)")
-    a("--eval_weights", default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)")
+    flex(a("--eval_weights", default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
     a("--meta_label", default="exp1", help="suffix of the meta-train log folder")
-    a("--pre_max_epoch", type=positive_int, default=100)
+    flex(a("--pre_max_epoch", type=positive_int, default=100))
     a("--pre_batch_size", type=positive_int, default=128)
     a("--pre_lr", type=positive_float, default=0.1)
     a("--pre_gamma", type=positive_float, default=0.2)
@@ -141,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and data")
     a = g.add_argument
-    a("--recipe", default=None, choices=sorted(RECIPES),
+    flex(a("--recipe", default=None, choices=sorted(RECIPES),
       help="preset defaults (see the README table). Default: follows --backbone (" +
            ", ".join(f"{b} -> {r}" for b, r in BACKBONE_RECIPE.items()) +
            "); with neither flag: pytorch (the official PyTorch code, resnet25). With pytorch, the ResNet-12 "
-           "backbones pre-train at --pre_lr 0.01 (their unnormalised shortcuts diverge at 0.1)")
+           "backbones pre-train at --pre_lr 0.01 (their unnormalised shortcuts diverge at 0.1)"))
     a("--backbone", default="resnet25", choices=list(BACKBONE_RECIPE),
       help="encoder (default: the recipe's; resnet25 = official PyTorch, resnet12 = paper / TF)")
     a("--image_size", type=positive_int, default=80, help="network input size in pixels")
@@ -154,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pre_train_dir", default=None, help="pre-train images (default: <dataset_dir>/train)")
     a("--meta_train_dir", default=None, help="meta-train images (default: <dataset_dir>/train)")
     a("--meta_val_dir", default=None, help="validation images (default: <dataset_dir>/val)")
-    a("--meta_test_dir", default=None, help="test images (default: <dataset_dir>/test)")
-    a("--cache_dir", default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)")
-    a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache")
+    flex(a("--meta_test_dir", default=None, help="test images (default: <dataset_dir>/test)"))
+    flex(a("--cache_dir", default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
+    flex(a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache"))
 
     g = p.add_argument_group("pre-train")
     a = g.add_argument
@@ -167,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pre_augment", default="on", choices=["on", "off"], help="train-time augmentation of --preprocess")
     a("--pre_iters_per_epoch", type=nonneg_int, default=0,
       help="iterations per pre-train epoch; 0 = one pass over the training images (official)")
-    a("--pre_save_every", type=positive_int, default=10, help="keep epoch<N>.pth every N epochs")
+    flex(a("--pre_save_every", type=positive_int, default=10, help="keep epoch<N>.pth every N epochs"))
     a("--pre_init_epoch", type=nonneg_int, default=0,
       help="meta-train starts from pre-train epoch<N>.pth; 0 = the best by validation (max_acc.pth)")
     a("--pre_label", default="", help="extra label of the pre-train log folder")
@@ -182,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--first_order", dest="second_order", action="store_false", help="official first-order update")
     a("--inner_loss", default="mean", choices=["mean", "sum"],
       help="inner-loop loss: mean CE (official PyTorch) or sum CE / shot (TF; = way x mean)")
-    a("--test_update_step", type=positive_int, default=None, help="inner steps at meta-test (default update_step)")
+    flex(a("--test_update_step", type=positive_int, default=None, help="inner steps at meta-test (default update_step)"))
     a("--num_val_episodes", type=positive_int, default=600)
-    a("--num_test_episodes", type=positive_int, default=600)
+    flex(a("--num_test_episodes", type=positive_int, default=600))
     a("--eval_seed", type=int, default=1, help="seed of the fixed validation / test episodes")
     a("--eval_mode", default="bank", choices=["bank", "episodic"],
       help="bank: encode each image once, batch all episodes (exact, fast); episodic: one episode at a time")
-    a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
-      help="finetune: the base learner's inner loop; centroid: nearest class mean of the features")
+    flex(a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
+      help="finetune: the base learner's inner loop; centroid: nearest class mean of the features"))
     a("--hard_task", action="store_true", help="hard-task (HT) meta-batch, paper Alg. 1")
     a("--ht_normal_tasks", type=positive_int, default=None,
       help="normal tasks per meta-batch that feed the failure-class record (default: max(way, meta_batch))")
@@ -198,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="separate: one outer update per hard task; shared: hard tasks join the meta-batch's update")
     a("--ht_start_epoch", type=positive_int, default=1, help="epoch from which hard tasks are used")
 
-    g = p.add_argument_group("run control")
-    a = g.add_argument
+    g = p.add_argument_group("run control")  # every flag of this group may change on --resume
+    a = _flexible(g.add_argument)
     a("--log_root", default="./logs", help="all checkpoints, logs and results go under this folder")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--resume", action="store_true", help="continue the run in its log folder from its last checkpoint")

@@ -12,9 +12,12 @@ import torch
 
 from data_generator.meta_data_generator import (
     CategoriesSampler,
+    Task,
+    by_class,
     episode_classes,
     episode_labels,
     fixed_episodes,
+    layout,
 )
 from utils.errors import UserError
 
@@ -128,20 +131,40 @@ def test_load_state_dict_rejects_other_settings():
         CategoriesSampler(labels, 3, 4, SHOT, QUERY, seed=4).load_state_dict(state)
 
 
-def test_sample_from_classes():
+def test_layout_task_and_by_class_agree_with_the_sampler():
+    """The one layout: layout() of per-class draws, Task's split and labels, and by_class() grouping."""
+    block = np.arange(3 * 4).reshape(3, 4) + 100        # 3 classes x (shot 1 + query 3), row k = class k's draws
+    ep = layout(block, shot=1)
+    assert ep.tolist() == [100, 104, 108, 101, 105, 109, 102, 106, 110, 103, 107, 111]
+    task = Task.from_episode(ep, way=3, shot=1)
+    assert task.support.tolist() == [100, 104, 108] and task.n_query == 3
+    assert task.y_support.tolist() == [0, 1, 2] and task.y_query.tolist() == [0, 1, 2] * 3
+    np.testing.assert_array_equal(task.episode, ep)
+    grouped = by_class(torch.from_numpy(task.query), 3)          # (query, way)
+    assert (grouped.numpy() == block[:, 1:].T).all()
     labels = _labels()
     s = CategoriesSampler(labels, 1, WAY, SHOT, QUERY, seed=0)
-    classes = [6, 1, 3, 0, 7]
-    a, b = s.sample_from_classes(classes), s.sample_from_classes(classes)
-    for ep in (a, b):
-        assert ep.shape == (WAY * (SHOT + QUERY),) and len(set(ep.tolist())) == ep.size
-        assert episode_classes(ep, labels, WAY).tolist() == classes
-        assert (labels[ep].reshape(-1, WAY) == np.array(classes)).all()
-    assert not np.array_equal(a, b)  # fresh images
+    ep = s.sample()
+    t = Task.from_episode(ep, WAY, SHOT)
+    np.testing.assert_array_equal(labels[t.support[:WAY]], labels[t.query[:WAY]])  # one class order in both halves
+    np.testing.assert_array_equal(t.classes(labels), episode_classes(ep, labels, WAY))
     with pytest.raises(ValueError):
-        s.sample_from_classes([1, 1, 2, 3, 4])
-    with pytest.raises(ValueError):
-        s.sample_from_classes([1, 2, 3, 4, 42])
+        Task.from_episode(ep[:-1], WAY, SHOT)
+
+
+def test_resume_state_of_the_earlier_format_loads():
+    """resume.pth files written before the shared generator_state helper keep loading."""
+    labels = _labels()
+    a = CategoriesSampler(labels, 5, WAY, SHOT, QUERY, seed=3)
+    a.sample()
+    st = a._rng.bit_generator.state
+    old = {"bit_generator": {"bit_generator": "PCG64", "state": {"state": str(st["state"]["state"]),
+                                                                 "inc": str(st["state"]["inc"])},
+                             "has_uint32": str(st["has_uint32"]), "uinteger": str(st["uinteger"])},
+           "position": 1, "n_batch": 5, "way": WAY, "shot": SHOT, "query": QUERY, "seed": 3}
+    b = CategoriesSampler(labels, 5, WAY, SHOT, QUERY, seed=99)
+    b.load_state_dict(old)
+    np.testing.assert_array_equal(a.sample(), b.sample())
 
 
 def test_fixed_episodes_independent_of_global_rngs():

@@ -4,7 +4,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.conv2d_mtl import Conv2dMtl
-from models.mtl import MtlLearner, inner_loop, straight_through
+from models.mtl import MetaLearner, PreLearner, inner_loop, straight_through
+
+
+def _one_task(model, x_s, y_s, x_q, *args, **kw):
+    """One task through the batched forward: (n_q, way) logits."""
+    return model.forward_tasks(x_s[None], y_s, x_q[None], *args, **kw)[0]
 from tests.helpers import assert_close_f64
 
 
@@ -136,7 +141,7 @@ def _episode(seed=0):
 
 def _meta_model(backbone="conv4", seed=0):
     torch.manual_seed(seed)
-    return MtlLearner(backbone, "meta", way=WAY)
+    return MetaLearner(backbone, way=WAY)
 
 
 def test_meta_mode_trainable_set_and_groups():
@@ -158,7 +163,7 @@ def test_meta_mode_trainable_set_and_groups():
 
 def test_base_learner_init():
     torch.manual_seed(0)
-    model = MtlLearner("resnet25", "meta", way=5)
+    model = MetaLearner("resnet25", way=5)
     w = model.base_learner.weight
     assert w.shape == (5, 640) and torch.equal(model.base_learner.bias, torch.zeros(5))
     assert abs(w.std().item() - (2 / 640) ** 0.5) < 0.01
@@ -172,7 +177,7 @@ def test_one_adam_step_updates_only_meta_params(backbone):
     ss_bn, fc = model.meta_parameters()
     opt = torch.optim.Adam([{"params": ss_bn}, {"params": fc, "lr": 1e-2}], lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logits = model.meta_forward(x_s, y_s, x_q, update_step=5, base_lr=0.1)
+    logits = _one_task(model, x_s, y_s, x_q, update_step=5, base_lr=0.1)
     assert logits.shape == (WAY * QUERY, WAY)
     loss = F.cross_entropy(logits, y_q)
     opt.zero_grad()
@@ -200,11 +205,11 @@ def test_support_gradient_first_vs_second_order():
     model = _meta_model()
     x_s, y_s, x_q, y_q = _episode()
     xs1 = x_s.clone().requires_grad_(True)
-    F.cross_entropy(model.meta_forward(xs1, y_s, x_q, 3, 0.1), y_q).backward()
+    F.cross_entropy(_one_task(model, xs1, y_s, x_q, 3, 0.1), y_q).backward()
     assert xs1.grad is None
     model.zero_grad()
     xs2 = x_s.clone().requires_grad_(True)
-    F.cross_entropy(model.meta_forward(xs2, y_s, x_q, 3, 0.1, second_order=True), y_q).backward()
+    F.cross_entropy(_one_task(model, xs2, y_s, x_q, 3, 0.1, second_order=True), y_q).backward()
     assert xs2.grad is not None and xs2.grad.abs().sum() > 0
 
 
@@ -213,7 +218,7 @@ def test_first_order_grad_equals_grad_at_adapted_weights():
     model.train()
     x_s, y_s, x_q, y_q = _episode(seed=3)
     x_s, x_q = x_s.double(), x_q.double()
-    logits = model.meta_forward(x_s, y_s, x_q, update_step=10, base_lr=0.1, loss_scale=2.0)
+    logits = _one_task(model, x_s, y_s, x_q, update_step=10, base_lr=0.1, loss_scale=2.0)
     F.cross_entropy(logits, y_q).backward()
     g_w, g_b = model.base_learner.weight.grad.clone(), model.base_learner.bias.grad.clone()
     # direct computation: theta_T by the autograd reference loop on detached features, grad of the query loss there
@@ -233,10 +238,10 @@ def test_first_order_grad_equals_grad_at_adapted_weights():
 def test_second_order_base_learner_grad_differs():
     model = _meta_model()
     x_s, y_s, x_q, y_q = _episode(seed=1)
-    F.cross_entropy(model.meta_forward(x_s, y_s, x_q, 5, 0.5), y_q).backward()
+    F.cross_entropy(_one_task(model, x_s, y_s, x_q, 5, 0.5), y_q).backward()
     g1 = model.base_learner.weight.grad.clone()
     model.zero_grad()
-    F.cross_entropy(model.meta_forward(x_s, y_s, x_q, 5, 0.5, second_order=True), y_q).backward()
+    F.cross_entropy(_one_task(model, x_s, y_s, x_q, 5, 0.5, second_order=True), y_q).backward()
     g2 = model.base_learner.weight.grad
     assert not torch.allclose(g1, g2, atol=1e-6)
 
@@ -247,33 +252,33 @@ def test_support_pass_updates_bn_running_stats_and_eval_no_grad():
     x_s, y_s, x_q, _ = _episode()
     model.train()
     n0 = int(bn.num_batches_tracked)
-    model.meta_forward(x_s, y_s, x_q, 2, 0.1)
+    _one_task(model, x_s, y_s, x_q, 2, 0.1)
     assert int(bn.num_batches_tracked) == n0 + 2  # query pass + support pass (under no_grad)
     model.eval()
     with torch.no_grad():  # first-order adaptation needs no autograd: evaluation runs under no_grad
-        a = model.meta_forward(x_s, y_s, x_q, 20, 0.1)
-        b = model.meta_forward(x_s, y_s, x_q, 20, 0.1)
+        a = _one_task(model, x_s, y_s, x_q, 20, 0.1)
+        b = _one_task(model, x_s, y_s, x_q, 20, 0.1)
     assert torch.equal(a, b) and int(bn.num_batches_tracked) == n0 + 2
     # adaptation helps on the support set itself
     with torch.no_grad():
-        acc0 = (model.meta_forward(x_s, y_s, x_s, 0, 0.1).argmax(1) == y_s).float().mean()
-        acc = (model.meta_forward(x_s, y_s, x_s, 100, 0.5).argmax(1) == y_s).float().mean()
+        acc0 = (_one_task(model, x_s, y_s, x_s, 0, 0.1).argmax(1) == y_s).float().mean()
+        acc = (_one_task(model, x_s, y_s, x_s, 100, 0.5).argmax(1) == y_s).float().mean()
     assert acc == 1.0 and acc >= acc0
 
 
 def test_pre_mode_heads_and_checkpoint_transfer():
     torch.manual_seed(0)
-    pre = MtlLearner("resnet12_slim", "pre", num_classes=7, pre_head="mlp", dropout_keep=0.9)
+    pre = PreLearner("resnet12_slim", num_classes=7, pre_head="mlp", dropout_keep=0.9)
     x = torch.randn(3, 3, SIZE, SIZE)
-    assert pre.forward_pre(x).shape == (3, 7) and pre(x).shape == (3, 7)
+    assert pre(x).shape == (3, 7)
     assert pre.encode(x).shape == (3, 256)
     assert {"pre_fc.0.weight", "pre_fc.2.weight"} <= set(pre.state_dict())
     assert pre.pre_fc[0].out_features == 1000
     assert all(p.requires_grad for p in pre.parameters())
     assert any(isinstance(m, nn.Dropout) for m in pre.modules())
-    lin = MtlLearner("conv4", "pre", num_classes=7, pre_head="linear")
-    assert isinstance(lin.pre_fc, nn.Linear) and lin.forward_pre(x).shape == (3, 7)
-    meta = MtlLearner("resnet12_slim", "meta", way=WAY)
+    lin = PreLearner("conv4", num_classes=7, pre_head="linear")
+    assert isinstance(lin.pre_fc, nn.Linear) and lin(x).shape == (3, 7)
+    meta = MetaLearner("resnet12_slim", way=WAY)
     res = meta.load_state_dict(pre.state_dict(), strict=False)
     assert all(k.startswith("pre_fc.") for k in res.unexpected_keys)
     assert all("mtl_" in k or k.startswith("base_learner.") for k in res.missing_keys)
@@ -283,8 +288,7 @@ def test_pre_mode_heads_and_checkpoint_transfer():
     with torch.no_grad():
         torch.testing.assert_close(meta.encode(x), pre.encode(x))
     with pytest.raises(ValueError):
-        MtlLearner("conv4", "pre")
+        PreLearner("conv4", num_classes=0)
     with pytest.raises(ValueError):
-        MtlLearner("conv4", "pre", num_classes=5, pre_head="cosine")
-    with pytest.raises(RuntimeError):
-        meta.forward_pre(x)
+        PreLearner("conv4", num_classes=5, pre_head="cosine")
+    assert not hasattr(meta, "pre_fc") and not hasattr(pre, "base_learner")  # two models, no mode flag

@@ -1,5 +1,4 @@
 """Hard-task meta-batch (paper Alg. 1 lines 8-20)."""
-import argparse
 import json
 import os
 
@@ -9,7 +8,8 @@ import pytest
 import main
 from data_generator.dataset_loader import ImageSet
 from tests.helpers import make_npz
-from trainer.hard_tasks import HardTaskScheduler
+from trainer.hard_tasks import HardTaskPlanner
+from utils.settings import HardTaskSettings
 
 
 def _set(n_classes=10, per_class=12):
@@ -19,9 +19,9 @@ def _set(n_classes=10, per_class=12):
 
 
 def _sched(tmp_path, seed=0, way=3, shot=1, query=2, meta_batch=3):
-    args = argparse.Namespace(way=way, shot=shot, train_query=query, ht_normal_tasks=None,
-                              meta_batch_size=meta_batch, seed=seed, ht_hard_tasks=1)
-    return HardTaskScheduler(args, _set(), None, str(tmp_path))
+    hs = HardTaskSettings(way=way, shot=shot, query=query, normal_tasks=meta_batch, hard_tasks=1, update="separate",
+                          start_epoch=1, seed=seed)
+    return HardTaskPlanner(hs, _set(), str(tmp_path))
 
 
 def test_failure_class_is_the_lowest_accuracy(tmp_path):

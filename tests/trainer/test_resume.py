@@ -151,16 +151,15 @@ def test_pre_resumed_logs_have_no_gaps_or_duplicates(pre_runs):
 
 def test_resume_state_holds_everything(pre_runs):
     """resume.pth loads with weights_only=True and holds model, optimizer, schedule position, counters, the best
-    so far and its checkpoint, every RNG, the batch stream, the AMP scaler slot and the settings."""
+    so far and its checkpoint, every RNG, the batch stream and the settings."""
     d = pre_runs["dirs"]["resumed"]
     st = torch.load(d / "resume.pth", weights_only=True)
     for key in ("model", "optimizer", "epoch", "iterations_per_epoch", "best_acc", "best_epoch", "best_checkpoint",
-                "trlog", "rng", "aug_gen", "amp_scaler", "extra", "args"):
+                "trlog", "rng", "aug_gen", "extra", "args"):
         assert key in st, key
     assert st["kind"] == "resume-pre" and st["epoch"] == 3 and st["iterations_per_epoch"] == 5
     assert set(st["rng"]) >= {"python", "numpy", "torch"}
     assert "stream" in st["extra"]
-    assert st["amp_scaler"] is None  # bf16 autocast needs no grad scaler
     assert os.path.isfile(st["best_checkpoint"]) and st["best_checkpoint"].endswith("max_acc.pth")
     assert st["optimizer"]["param_groups"][0]["lr"] == trlog(d)[-1]["lr"]
     assert st["args"]["seed"] == 3 and st["args"]["backbone"] == "conv4"

@@ -1,8 +1,8 @@
 """The fast paths compute the same numbers as the straightforward ones (issue #5).
 
-* Lean meta-training step (``MtlLearner.meta_forward``: support encoded without a graph, closed-form inner
-  loop, straight-through theta) and the batched meta-batch (``trainer.meta.meta_batch_forward``,
-  ``MetaTrainer.run_tasks``) against a straightforward implementation of the official PyTorch step (support
+* The lean first-order meta-training step (``models.mtl.MetaLearner.forward_tasks``: support encoded without a
+  graph, closed-form inner loop, straight-through theta), one task at a time and batched over a meta-batch, and
+  ``MetaTrainer.run_tasks`` against a straightforward implementation of the official PyTorch step (support
   encoded with a graph, ``torch.autograd.grad`` inner loop without ``create_graph``, one task at a time, query
   then support through the encoder): equal query losses, equal gradients on every trainable parameter, equal BN
   running statistics.
@@ -27,14 +27,15 @@ import torch.nn.functional as F
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import episode_labels, fixed_episodes
 from data_generator.transforms import BatchTransform
-from models.mtl import MtlLearner
+from models.mtl import MetaLearner, PreLearner
 from tests.helpers import (NO_NOISE, assert_close_f64, assert_within_float32_noise, float32_error_ratios,
                            float32_noise_floor)
-from trainer.meta import MetaTrainer, meta_batch_forward
+from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.gpu_tools import maybe_compile
 from utils.misc import Timer
 from utils.options import parse_args
+from utils.settings import Settings
 
 WAY, SHOT, QUERY, SIZE = 5, 2, 3, 16
 
@@ -48,9 +49,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _model(seed: int = 0, dtype=torch.float64, way: int = WAY) -> MtlLearner:
+def _model(seed: int = 0, dtype=torch.float64, way: int = WAY) -> MetaLearner:
     torch.manual_seed(seed)
-    m = MtlLearner("resnet12_slim", "meta", way=way).to(dtype)
+    m = MetaLearner("resnet12_slim", way=way).to(dtype)
     with torch.no_grad():  # non-trivial SS parameters, BN affine and running statistics
         for name, p in m.named_parameters():
             if p.requires_grad and "base_learner" not in name:
@@ -115,17 +116,18 @@ def test_lean_first_order_step_equals_straightforward(t, loss_scale):
     want, _ = straightforward_step(ref, x_s, y_s, x_q, y_q, steps, lr, loss_scale, weight)
     want = _state(ref, want)
 
-    # the lean single-task path (MtlLearner.meta_forward), one task after another
+    # one task at a time through the same forward (T = 1), one task after another
     got = []
     for i in range(t):
-        logits = lean.meta_forward(x_s[i], y_s, x_q[i], steps, lr, second_order=False, loss_scale=loss_scale)
+        logits = lean.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], steps, lr, second_order=False,
+                                    loss_scale=loss_scale)[0]
         loss = F.cross_entropy(logits, y_q)
         (loss * weight).backward()
         got.append(loss.item())
     assert_close_f64(_state(lean, got), want)
 
     # the batched meta-batch: per-task encoder passes, one inner loop over the T tasks, one backward
-    logits = meta_batch_forward(batched, x_s, y_s, x_q, steps, lr, second_order=False, loss_scale=loss_scale)
+    logits = batched.forward_tasks(x_s, y_s, x_q, steps, lr, second_order=False, loss_scale=loss_scale)
     assert logits.shape == (t, WAY * QUERY, WAY)
     losses = torch.stack([F.cross_entropy(lg, y_q) for lg in logits])
     (losses.sum() * weight).backward()
@@ -212,7 +214,7 @@ def test_lean_step_float32_within_float_tolerance(official_float32):
     want, _ = straightforward_step(plain, c["x_s"], c["y_s"], c["x_q"], c["y_q"], *c["step"])
     _check_float32(c, plain, want, "straightforward float32 step")
     steps, lr, loss_scale, weight = c["step"]
-    logits = meta_batch_forward(batched, c["x_s"], c["y_s"], c["x_q"], steps, lr, loss_scale=loss_scale)
+    logits = batched.forward_tasks(c["x_s"], c["y_s"], c["x_q"], steps, lr, loss_scale=loss_scale)
     losses = torch.stack([F.cross_entropy(lg, c["y_q"]) for lg in logits])
     (losses.sum() * weight).backward()
     _check_float32(c, batched, losses.tolist(), "batched float32 step")
@@ -240,11 +242,12 @@ def test_batched_second_order_equals_per_task_loop():
     x_s, y_s, x_q, y_q = _tasks(3)
     want = []
     for i in range(3):
-        logits = per_task.meta_forward(x_s[i], y_s, x_q[i], 5, 0.2, second_order=True, loss_scale=5.0)
+        logits = per_task.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], 5, 0.2, second_order=True,
+                                        loss_scale=5.0)[0]
         loss = F.cross_entropy(logits, y_q)
         (loss / 3).backward()
         want.append(loss.item())
-    logits = meta_batch_forward(batched, x_s, y_s, x_q, 5, 0.2, second_order=True, loss_scale=5.0)
+    logits = batched.forward_tasks(x_s, y_s, x_q, 5, 0.2, second_order=True, loss_scale=5.0)
     losses = torch.stack([F.cross_entropy(lg, y_q) for lg in logits])
     (losses.sum() / 3).backward()
     assert_close_f64(_state(batched, losses.tolist()), _state(per_task, want))
@@ -261,23 +264,24 @@ def _imageset(n_classes=8, per_class=10, size=SIZE, seed=0):
 
 @pytest.mark.parametrize("second_order", [False, True])
 def test_meta_trainer_run_tasks_equals_run_task_loop(second_order, official_float32, tmp_path):
-    """The trainer's meta-batch (one gather, batched step) and the per-task ``run_task`` loop that the hard tasks
-    use, in float32 (the trainer's dtype), are each within the float32 noise bound of the exact straightforward
+    """The trainer's meta-batch (one gather, batched step) and a loop of one-task ``run_tasks`` calls (how the
+    hard tasks run), in float32 (the trainer's dtype), are each within the float32 noise bound of the exact straightforward
     step on the same transformed images, so within twice that of each other, and give its per-class accuracies.
     First order at the official settings (the fixture); second order (the TF step) with the summed support loss
     on a smaller meta-batch (3-way 1-shot)."""
     c = official_float32 if not second_order else _trainer_case(3, 1, 2, 10, 0.001, "sum", 2, True, tmp_path)
     trainers = []
     for _ in range(2):
-        tr = MetaTrainer(c["args"], torch.device("cpu"))
+        tr = MetaTrainer(Settings.from_args(c["args"]), torch.device("cpu"))
         tr.train_set = c["ds"]
         tr.model = copy.deepcopy(c["model"])
+        tr.train_encoder = tr.model.encoder  # (what build() sets; no --compile)
         trainers.append(tr)
     batched, looped = trainers
     weight = c["step"][3]
     out = batched.run_tasks(c["episodes"], weight, Timer())
-    per_task = [looped.run_task(ep, weight, Timer()) for ep in c["episodes"]]
-    for name, tr, res in (("run_tasks", batched, out), ("run_task loop", looped, per_task)):
+    per_task = [looped.run_tasks([ep], weight, Timer())[0] for ep in c["episodes"]]
+    for name, tr, res in (("run_tasks", batched, out), ("one-task loop", looped, per_task)):
         assert all(acc.shape == (c["args"].way,) for _, acc in res)
         np.testing.assert_array_equal(np.stack([acc for _, acc in res]), c["acc"])
         _check_float32(c, tr.model, [lv for lv, _ in res], name)
@@ -287,11 +291,12 @@ def test_pretrain_step_equals_plain_step(tmp_path):
     args = parse_args(["--backbone", "resnet12_slim", "--image_size", str(SIZE), "--preprocess", "pytorch",
                        "--pre_batch_size", "8", "--log_root", str(tmp_path), "--seed", "3"])
     ds = _imageset(size=round(SIZE * 92 / 80))
-    tr = PreTrainer(args, torch.device("cpu"))
+    tr = PreTrainer(Settings.from_args(args), torch.device("cpu"))
     tr.train_set = ds
     tr.labels_t = torch.from_numpy(ds.labels)
     torch.manual_seed(0)
-    tr.model = MtlLearner("resnet12_slim", "pre", num_classes=8)
+    tr.model = PreLearner("resnet12_slim", num_classes=8)
+    tr.train_encoder = tr.model.encoder  # (what build() sets; no --compile)
     plain = copy.deepcopy(tr.model)
     tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True)
@@ -301,7 +306,7 @@ def test_pretrain_step_equals_plain_step(tmp_path):
         xr = tr.data.train_transform(torch.from_numpy(ds.images[idx]), generator=gen)
         assert torch.equal(x, xr) and torch.equal(y, torch.from_numpy(ds.labels[idx]))
         lv, acc = tr.train_step(x, y)
-        logits = plain.forward_pre(xr)
+        logits = plain(xr)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
@@ -314,7 +319,7 @@ def test_pretrain_step_equals_plain_step(tmp_path):
 
 
 def test_compile_keeps_checkpoint_keys_clean():
-    model = MtlLearner("resnet12_slim", "meta", way=5)
+    model = MetaLearner("resnet12_slim", way=5)
     keys = list(model.state_dict())
     assert maybe_compile(model.encoder, torch.device("cpu"), True) is model.encoder  # CPU: left alone
     assert maybe_compile(model.encoder, torch.device("cpu"), False) is model.encoder

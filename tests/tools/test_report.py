@@ -1,4 +1,4 @@
-"""utils/report.py on fake result files (no training), and the ABLATION commands that produce its inputs."""
+"""tools/report.py on fake result files (no training), and the ABLATION commands that produce its inputs."""
 import json
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import run_experiment as rx
-from utils import report
+from tools import report
 from utils.options import parse_args
 
 SHOTS = (1, 5)
@@ -89,8 +89,8 @@ def _parsed(cmd):
 
 def test_ablation_commands_share_episodes_and_differ_only_by_ht(tmp_path):
     cmds = dict(rx.ablation_commands())
-    assert cmds["benchmark"][1:] == ["-m", "data_generator.glyphs", "benchmark", "--out", "data/glyphs1k", "--seed",
-                                     "0", "--ensure"]
+    assert cmds["benchmark"][1:] == ["-m", "tools.glyphs", "benchmark", "--out", "data/glyphs1k", "--seed", "0",
+                                     "--ensure"]
     assert list(cmds)[-1] == "report" and list(cmds)[1] == "pre-train"
     tests = {k: _parsed(v) for k, v in cmds.items() if k.endswith(("test", "FT", "nearest mean"))}
     assert len(tests) == 10
@@ -112,9 +112,10 @@ def test_ablation_commands_share_episodes_and_differ_only_by_ht(tmp_path):
     pre = _parsed(cmds["pre-train"])
     files = report.row_files(pre.log_root, pre.dataset, pre.backbone, pre.way, 1)
     assert os.path.dirname(files["ft"]["results"]) == os.path.dirname(ft.eval_weights)
-    from trainer.base import log_dir_meta
-    assert files["mtl_ht"]["log_dir"] == log_dir_meta(_parsed(cmds["1-shot row 4 MTL+HT meta-train"]))
-    assert files["scratch"]["log_dir"] == log_dir_meta(_parsed(cmds["1-shot row 5 MTL scratch meta-train"]))
+    from utils.settings import RunPaths
+    meta_dir = lambda name: RunPaths.from_args(_parsed(cmds[name])).meta_dir  # where main.py writes that run
+    assert files["mtl_ht"]["log_dir"] == meta_dir("1-shot row 4 MTL+HT meta-train")
+    assert files["scratch"]["log_dir"] == meta_dir("1-shot row 5 MTL scratch meta-train")
 
 
 def test_ablation_smoke_and_scratch_switch(monkeypatch):
@@ -123,3 +124,17 @@ def test_ablation_smoke_and_scratch_switch(monkeypatch):
     assert a.log_root.endswith("ablation_smoke") and a.max_epoch == 2
     monkeypatch.setitem(rx.ABLATION, "scratch_row", False)
     assert not any("scratch" in k for k, _ in rx.ablation_commands())
+
+
+def test_ablation_and_bench_run_the_tools(capsys):
+    """ABLATION builds the benchmark with tools.glyphs and ends with tools.report; BENCH runs tools.benchmark; every
+    ``-m`` module they name exists."""
+    import importlib.util
+    cmds = dict(rx.ablation_commands())
+    assert cmds["report"][1:3] == ["-m", "tools.report"]
+    rx.cli(["BENCH", "--dry_run", "--full"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [f"$ python -m tools.benchmark --out {os.path.join(rx.LOG_DIR, 'bench')} --full"]
+    modules = [c[c.index("-m") + 1] for c in cmds.values() if "-m" in c] + [printed[0].split()[3]]
+    assert sorted(set(modules)) == ["tools.benchmark", "tools.glyphs", "tools.report"]
+    assert all(importlib.util.find_spec(m) is not None for m in modules)

@@ -1,7 +1,7 @@
 """Speed benchmark of the training and evaluation paths (issue #5).
 
-    python run_experiment.py BENCH                # = python -m utils.benchmark --out logs/bench
-    python -m utils.benchmark --out logs/bench [--full] [--official] [--glyph_episodic 600] [--tiny]
+    python run_experiment.py BENCH                # = python -m tools.benchmark --out logs/bench
+    python -m tools.benchmark --out logs/bench [--full] [--official] [--glyph_episodic 600] [--tiny]
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (the same numbers as a table, also printed).
 
@@ -50,6 +50,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
+
+import run_experiment
+from data_generator.dataset_loader import load_split
+from data_generator.meta_data_generator import fixed_episodes
+from data_generator.transforms import BatchTransform
+from models.mtl import MetaLearner
+from models.resnet_mtl import build_backbone
+from trainer.base import DataBundle
+from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
+from trainer.meta import MetaTrainer, load_for_eval
+from trainer.pre import PreTrainer
+from utils.gpu_tools import autocast, pick_device
+from utils.misc import Timer, write_json_atomic
+from utils.options import parse_args
+from utils.settings import Settings
 
 RESULT_KEYS = ("pretrain_images_per_s", "loader_images_per_s", "meta_train_s_per_episode_first_order",
                "meta_train_s_per_episode_second_order", "meta_test_episodes_per_s_bank",
@@ -177,7 +193,6 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
         path = os.path.join(root, "synthetic.npz")
         np.savez(path, **arrays)  # uncompressed: loads at disk speed
         return path
-    from PIL import Image
     for i, (split, (c, n)) in enumerate(splits.items()):
         imgs, labels = synthetic_split(c, n, stored, seed=17 + i)
         for j, (img, lab) in enumerate(zip(imgs, labels)):
@@ -187,16 +202,16 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
     return root
 
 
-def main_args(cfg: dict, dataset_dir: str, log_root: str, extra: list[str] | None = None) -> argparse.Namespace:
-    """main.py's settings for the benchmark runs (parsed by utils.options, so every default is the project's)."""
-    from utils.options import parse_args
+def main_args(cfg: dict, dataset_dir: str, log_root: str, extra: list[str] | None = None) -> Settings:
+    """main.py's settings for the benchmark runs (parsed by utils.options and built by ``Settings.from_args``, as
+    ``main.py`` does, so every default is the project's)."""
     flags = ["--dataset", "custom", "--dataset_dir", dataset_dir, "--log_root", log_root,
              "--cache_dir", os.path.join(log_root, "cache"), "--backbone", cfg["backbone"],
              "--image_size", str(cfg["image_size"]), "--preprocess", cfg["preprocess"], "--way", str(cfg["way"]),
              "--shot", str(cfg["shot"]), "--train_query", str(cfg["train_query"]), "--val_query", str(cfg["query"]),
              "--pre_batch_size", str(cfg["pre_batch"]), "--num_val_episodes", "20", "--seed", "1", "--quiet",
              "--init_weights", "scratch"]
-    return parse_args(flags + (extra or []))
+    return Settings.from_args(parse_args(flags + (extra or [])))
 
 
 def peak_rss_mb() -> float:
@@ -228,11 +243,9 @@ def bench_pretrain(b: Bench, cfg: dict, dataset_dir: str, log_root: str, amp: bo
                    channels_last: bool = False, compile_: bool = False) -> dict[str, Any]:
     """PreTrainer's own build, ``load_batch`` (gather from the cached split + device copy + augmentation) and
     ``train_step`` (forward, backward, SGD step)."""
-    from trainer.pre import PreTrainer
     extra = (["--amp"] if amp else []) + (["--channels_last"] if channels_last else []) + \
         (["--compile"] if compile_ else [])
-    args = main_args(cfg, dataset_dir, log_root, extra)
-    tr = PreTrainer(args, b.device)
+    tr = PreTrainer(main_args(cfg, dataset_dir, log_root, extra), b.device)
     t = time.perf_counter()
     tr.build()
     build_s = time.perf_counter() - t
@@ -256,16 +269,13 @@ def bench_meta_train(b: Bench, cfg: dict, dataset_dir: str, log_root: str, secon
                      amp: bool = False) -> dict[str, Any]:
     """MetaTrainer's own build (random backbone: ``--init_weights scratch``), then one meta-batch of one task:
     sample, ``run_tasks`` (gather, transform, encoder passes, inner loop, backward), ``outer_step`` (Adam)."""
-    from trainer.meta import MetaTrainer
-    from utils.misc import Timer
     steps, lr = (cfg["so_update_step"], cfg["so_base_lr"]) if second_order else \
         (cfg["fo_update_step"], cfg["fo_base_lr"])
     extra = ["--update_step", str(steps), "--base_lr", str(lr), "--meta_batch_size", "1",
              "--second_order" if second_order else "--first_order"]
     if second_order:
         extra += ["--inner_loss", "sum"]
-    args = main_args(cfg, dataset_dir, log_root, extra + (["--amp"] if amp else []))
-    tr = MetaTrainer(args, b.device)
+    tr = MetaTrainer(main_args(cfg, dataset_dir, log_root, extra + (["--amp"] if amp else [])), b.device)
     tr.build()
     tr.model.train()
     timer = Timer()
@@ -276,7 +286,7 @@ def bench_meta_train(b: Bench, cfg: dict, dataset_dir: str, log_root: str, secon
 
     st = b.time(episode, cfg["meta_reps"], warmup=cfg["meta_warmup"])
     return {"s_per_episode": st["median_s"], "episodes_per_s": 1.0 / st["median_s"], "update_step": steps,
-            "base_lr": lr, "inner_loss": args.inner_loss, **st}
+            "base_lr": lr, "inner_loss": tr.args.inner_loss, **st}
 
 
 def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.Tensor, bias: torch.Tensor,
@@ -284,7 +294,6 @@ def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.
                     loss_scale: float = 1.0, amp: bool = False, batch_size: int = 256) -> dict[str, Any]:
     """The feature bank (encode the split once + all episodes batched) on every episode, and the per-episode
     path on the first ``n_episodic`` of them; their accuracies are compared on those episodes."""
-    from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic
     b.sync()
     t = time.perf_counter()
     feats = encode_split(encoder, imageset, transform, b.device, batch_size, amp)
@@ -313,7 +322,6 @@ def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.
 
 def bench_forward(b: Bench, encoder: nn.Module, size: int, batch: int, reps: int, amp: bool = False) -> dict:
     """Eval-mode forward images/s of the encoder on a ready batch (the backbone alone, no data path)."""
-    from utils.gpu_tools import autocast
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(b.device)
     encoder.eval()
 
@@ -327,28 +335,13 @@ def bench_forward(b: Bench, encoder: nn.Module, size: int, batch: int, reps: int
 
 def meta_test_setup(cfg: dict, dataset_dir: str, log_root: str, device: torch.device):
     """The test split through DataBundle, a meta-mode learner (SS encoder + base learner) and fixed episodes."""
-    from data_generator.meta_data_generator import fixed_episodes
-    from models.mtl import MtlLearner
-    from trainer.base import DataBundle
-    args = main_args(cfg, dataset_dir, log_root)
-    data = DataBundle(args)
+    settings = main_args(cfg, dataset_dir, log_root)
+    data = DataBundle(settings.data)
     test = data.load("test")
     torch.manual_seed(0)
-    model = MtlLearner(cfg["backbone"], "meta", way=cfg["way"]).to(device)
-    eps = fixed_episodes(test.labels, cfg["test_episodes"], cfg["way"], cfg["shot"], cfg["query"], args.eval_seed)
+    model = MetaLearner(cfg["backbone"], way=cfg["way"]).to(device)
+    eps = fixed_episodes(test.labels, cfg["test_episodes"], cfg["way"], cfg["shot"], cfg["query"], settings.test.seed)
     return data, test, model, eps
-
-
-def demo_settings() -> dict[str, Any]:
-    """The DEMO's settings (``run_experiment.DEMO``: backbone, image size, preprocessing, pre-train recipe, meta-test
-    inner loop), so the glyph comparison evaluates what the DEMO evaluates; fixed values if it cannot be read."""
-    try:
-        import run_experiment
-        return dict(run_experiment.DEMO)
-    except Exception:  # run from another folder: the DEMO's values when this was written
-        return {"backbone": "conv4", "image_size": 32, "preprocess": "paper", "pre_augment": "off", "seed": 1,
-                "pre_optimizer": "adam", "pre_lr": 0.001, "pre_custom_weight_decay": 0.0, "pre_batch_size": 64,
-                "pre_head": "linear", "update_step": 20, "test_update_step": 100, "base_lr": 0.1, "val_query": 15}
 
 
 def glyph_encoder(b: Bench, cfg: dict, pack: str, log_root: str, checkpoint: str | None):
@@ -357,14 +350,9 @@ def glyph_encoder(b: Bench, cfg: dict, pack: str, log_root: str, checkpoint: str
     the DEMO's recipe) run for ``glyph_pretrain_steps`` steps, with the fresh head of the FT baseline. (Random
     weights map these mostly white images to nearly identical features; the inner loop at the DEMO's lr is then
     chaotic in float32, and any two implementations disagree on some episodes. See docs/BENCHMARKS.md.)"""
-    from trainer.evaluate import init_head
-    from trainer.meta import load_for_eval
-    from trainer.pre import PreTrainer
-    from utils.options import parse_args
-    demo = demo_settings()
+    demo = run_experiment.demo_settings()
     if checkpoint:
-        ns = argparse.Namespace(backbone=demo["backbone"], way=cfg["way"], eval_seed=1)
-        enc, w, bias, kind = load_for_eval(ns, checkpoint, b.device)
+        enc, w, bias, kind = load_for_eval(checkpoint, demo["backbone"], cfg["way"], demo.get("eval_seed", 1), b.device)
         return enc, w, bias, f"checkpoint {checkpoint} ({kind})"
     keep = ("backbone", "image_size", "preprocess", "pre_augment", "seed", "pre_optimizer", "pre_lr",
             "pre_custom_weight_decay", "pre_batch_size", "pre_head", "pre_dropout_keep")
@@ -374,7 +362,7 @@ def glyph_encoder(b: Bench, cfg: dict, pack: str, log_root: str, checkpoint: str
             flags += [f"--{k}", str(demo[k])]
     args = parse_args(flags + ["--dataset", "glyphs", "--dataset_dir", pack, "--log_root", log_root, "--quiet",
                                "--way", str(cfg["way"]), "--shot", "1", "--num_val_episodes", "1"])
-    tr = PreTrainer(args, b.device)
+    tr = PreTrainer(Settings.from_args(args), b.device)
     tr.build()
     tr.model.train()
     batches = []
@@ -392,18 +380,15 @@ def bench_glyphs(b: Bench, cfg: dict, pack: str, n_episodic: int, log_root: str,
     """Bank vs per-episode meta-test on the embedded glyph pack with the DEMO's meta-test settings (backbone,
     image size, preprocessing, 5-way 1-shot, its query count, inner steps and lr, fixed episodes of
     ``--eval_seed 1``): the bank on every episode, the per-episode path on the first ``n_episodic``."""
-    from data_generator.dataset_loader import load_split
-    from data_generator.meta_data_generator import fixed_episodes
-    from data_generator.transforms import BatchTransform
-    demo = demo_settings()
+    demo = run_experiment.demo_settings()
     t = time.perf_counter()
     enc, w, bias, weights = glyph_encoder(b, cfg, pack, log_root, checkpoint)
     prep_s = time.perf_counter() - t
-    tf = BatchTransform(int(demo["image_size"]), demo.get("preprocess", "paper"))
+    tf = BatchTransform(int(demo["image_size"]), demo["preprocess"])
     test = load_split(f"{pack}#test", tf.stored_size)
-    query = int(demo.get("val_query", 15))
-    steps = cfg["glyph_update_step"] or int(demo.get("test_update_step") or demo.get("update_step", 100))
-    lr = float(demo.get("base_lr", 0.01))
+    query = int(demo["val_query"])
+    steps = cfg["glyph_update_step"] or int(demo["test_update_step"])
+    lr = float(demo["base_lr"])
     eps = fixed_episodes(test.labels, cfg["glyph_episodes"], cfg["way"], 1, query, seed=1)
     r = bench_meta_test(b, enc, test, tf, w, bias, eps, n_episodic, cfg["way"], 1, steps, lr)
     r["episodic_s_for_all_episodes" + ("_est" if r["episodic_episodes"] < len(eps) else "")] = \
@@ -425,11 +410,9 @@ def bench_official(b: Bench, cfg: dict, log_root: str) -> dict[str, Any]:
                 train_query=cfg["query"],
                 train_classes=cfg["way"], train_per_class=cfg["shot"] + cfg["query"], val_classes=cfg["way"],
                 test_classes=cfg["way"], eval_per_class=cfg["shot"] + cfg["query"], data="npz")
-    from data_generator.transforms import BatchTransform
     root = os.path.join(log_root, "official_data")
     ds = make_dataset(ocfg, BatchTransform(o["image_size"], "pytorch").stored_size, root)
     data, test, model, _ = meta_test_setup(dict(ocfg, test_episodes=1), ds, log_root, b.device)
-    from data_generator.meta_data_generator import fixed_episodes
     eps = fixed_episodes(test.labels, 1, cfg["way"], cfg["shot"], cfg["query"], 1)
     fwd = bench_forward(b, model.encoder, o["image_size"], min(cfg["fwd_batch"], 16), 1)
     w, bias = model.base_learner.weight.detach(), model.base_learner.bias.detach()
@@ -447,8 +430,6 @@ def bench_official(b: Bench, cfg: dict, log_root: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ runner
 def run(opts: argparse.Namespace) -> dict[str, Any]:
-    from utils.gpu_tools import pick_device
-    from utils.misc import write_json_atomic
 
     cfg = dict(GPU_FULL if opts.full else CPU_DEFAULT)
     if opts.tiny:
@@ -516,7 +497,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     res["elapsed_s"] = time.perf_counter() - b.t0
     res["settings"] = dict({k: v for k, v in cfg.items() if k != "official"},
                            official=cfg["official"] if "official" in parts else None, glyph_pack=opts.glyph_pack,
-                           command=" ".join(["python", "-m", "utils.benchmark"] + opts.argv),
+                           command=" ".join(["python", "-m", "tools.benchmark"] + opts.argv),
                            weights="random init (glyphs: see glyphs.weights)",
                            timing="median of the timed repetitions after warm-up; CUDA synchronised")
     shutil.rmtree(work, ignore_errors=True)
@@ -532,7 +513,6 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def run_main(b: Bench, cfg: dict, precisions: list[str], work: str, res: dict[str, Any]) -> None:
     """The main configuration: data, matmul peak, and per precision pre-train, loader, meta-train, meta-test."""
-    from data_generator.transforms import BatchTransform
     device = b.device
     stored = BatchTransform(cfg["image_size"], cfg["preprocess"]).stored_size
     t = time.perf_counter()
@@ -586,7 +566,6 @@ def run_main(b: Bench, cfg: dict, precisions: list[str], work: str, res: dict[st
         rows[prec] = row
 
     fp = rows["fp32"]
-    from models.resnet_mtl import build_backbone
     flops = backbone_flops(build_backbone(cfg["backbone"], mtl=True), cfg["image_size"])
     res.update({
         "pretrain_images_per_s": fp["pretrain"]["pretrain_images_per_s"],
@@ -700,7 +679,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="logs/bench", help="folder for benchmark.json and benchmark.md")
     p.add_argument("--full", action="store_true", help="the GPU configuration (miniImageNet-sized, fp32 and bf16)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: tests and dry checks")

@@ -1,6 +1,6 @@
 """The ablation report (issue #6): one table and one plot from the files the ablation's runs wrote.
 
-    python -m utils.report --log_root logs/ablation --dataset glyphs --backbone conv4 --out docs/results
+    python -m tools.report --log_root logs/ablation --dataset glyphs --backbone conv4 --out docs/results
 
 Reads, for each shot, the ``results*.json`` that ``main.py --phase meta_eval`` wrote for the five rows of the
 ablation (``python run_experiment.py ABLATION``) and the ``trlog.json`` / ``args.json`` of the meta-trained
@@ -14,7 +14,7 @@ rows, then
 
 Rows whose files are missing (e.g. row 5 skipped) are reported as "not run". ``<log_root>/ablation_timing.json``
 (written by ``run_experiment.py ABLATION``: wall time per step) is copied into ``ablation.json`` when present.
-The layout of the files is the one ``main.py`` writes (``trainer/base.py log_dir_pre / log_dir_meta``,
+The layout of the files is the one ``main.py`` writes (``utils.settings.RunPaths``,
 ``trainer/meta.py meta_eval``).
 """
 from __future__ import annotations
@@ -23,7 +23,11 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Sequence
+
+from utils.misc import write_json_atomic
+from utils.settings import RunPaths
 
 # (id, name in the table, kind) in table order. kind: "pre" = a pre-train checkpoint tested without
 # meta-training (classifier in the results file name), "meta" = a meta-trained run (results.json + trlog.json).
@@ -46,11 +50,11 @@ def row_files(log_root: str, dataset: str, backbone: str, way: int, shot: int, l
     Returns:
         ``{row id: {"results": results JSON path, "log_dir": meta log folder or None}}``.
     """
-    pre = os.path.join(log_root, "pre", f"{dataset}_{backbone}" + (f"_{pre_label}" if pre_label else ""))
-    meta = os.path.join(log_root, "meta")
-    base = f"{dataset}_{backbone}_{way}way{shot}shot"
-    dirs = {"mtl": os.path.join(meta, f"{base}_{label}"), "mtl_ht": os.path.join(meta, f"{base}_HT_{label}"),
-            "scratch": os.path.join(meta, f"{base}_{scratch_label}")}
+    run = RunPaths(log_root, dataset, backbone, way, shot, pre_label)
+    pre = run.pre_dir
+    dirs = {"mtl": replace(run, meta_label=label).meta_dir,
+            "mtl_ht": replace(run, meta_label=label, hard_task=True).meta_dir,
+            "scratch": replace(run, meta_label=scratch_label).meta_dir}
     out: dict[str, dict[str, str | None]] = {
         "ft": {"results": os.path.join(pre, f"results_pretrained_{way}way{shot}shot.json"), "log_dir": None},
         "centroid": {"results": os.path.join(pre, f"results_pretrained_centroid_{way}way{shot}shot.json"),
@@ -201,7 +205,6 @@ def plot_curves(summary: dict, path: str) -> str | None:
 def write_report(summary: dict, out_dir: str) -> dict:
     """Write ``ablation.json`` and ``meta_val_curves.png`` under ``out_dir``; returns the summary with the
     written paths."""
-    from utils.misc import write_json_atomic
     os.makedirs(out_dir, exist_ok=True)
     png = plot_curves(summary, os.path.join(out_dir, "meta_val_curves.png"))
     summary = {**summary, "plot": png, "table_markdown": markdown_table(summary)}
@@ -210,7 +213,7 @@ def write_report(summary: dict, out_dir: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.split("\n")[0])
     p.add_argument("--log_root", required=True, help="the ablation's --log_root")
     p.add_argument("--dataset", default="glyphs")
     p.add_argument("--backbone", default="conv4")

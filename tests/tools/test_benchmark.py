@@ -3,7 +3,7 @@ import json
 import os
 
 from tests.helpers import make_npz
-from utils.benchmark import RESULT_KEYS, main
+from tools.benchmark import RESULT_KEYS, main
 
 
 def test_benchmark_tiny_writes_all_keys(tmp_path):

@@ -1,0 +1,169 @@
+"""Typed settings, built once from the parsed flags (``utils/options.py``) and passed to the trainers and evaluation.
+
+The data flow is ``run_experiment.py -> main.py -> settings -> trainer -> (sampler, model, evaluation)``: ``main.py``
+parses the flags and calls :meth:`Settings.from_args`; every component below the trainer receives only the typed
+piece it needs (:class:`InnerLoop` for Eq. 3, :class:`EvalSettings` for an evaluation, :class:`RunPaths` for the
+folder layout, :class:`DataSettings` for the splits, :class:`HardTaskSettings` for Alg. 1). ``run_experiment.py`` and
+the tools reuse these definitions (log folders, checkpoint paths, the inner loop) instead of copies.
+
+``Settings.args`` keeps the flat namespace for what is only a number handed to an optimizer or a schedule, and as
+the record that checkpoints, ``args.json`` and ``results.json`` store (:func:`utils.options.settings_dict`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+__all__ = ["InnerLoop", "EvalSettings", "RunPaths", "DataSettings", "HardTaskSettings", "Settings",
+           "inner_loss_scale"]
+
+
+def inner_loss_scale(inner_loss: str, way: int) -> float:
+    """``mean``: mean CE over the support (official PyTorch). ``sum``: TF's per-sample CE / shot summed over the
+    support (``tensorflow/utils/misc.py xent``), i.e. ``way`` times the mean."""
+    if inner_loss not in ("mean", "sum"):
+        raise ValueError(f"inner_loss must be 'mean' or 'sum', got {inner_loss!r}")
+    return float(way) if inner_loss == "sum" else 1.0
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The base learner's inner loop, paper Eq. 3: ``steps`` SGD steps at ``lr`` on ``loss_scale * mean CE``;
+    ``second_order`` differentiates the outer loss through it (TF) instead of first order (official PyTorch)."""
+
+    steps: int
+    lr: float
+    loss_scale: float = 1.0
+    second_order: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One few-shot evaluation (pre-train validation, meta-validation, meta-test): ``episodes`` fixed episodes of
+    ``way`` x (``shot`` + ``query``) drawn with ``seed``; ``mode`` bank | episodic; ``classifier`` finetune (the
+    inner loop) | centroid (nearest class mean)."""
+
+    way: int
+    shot: int
+    query: int
+    episodes: int
+    seed: int
+    inner: InnerLoop
+    mode: str = "bank"
+    classifier: str = "finetune"
+    batch_size: int = 256
+    amp: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folder layout of a run under ``log_root``: ``pre/<dataset>_<backbone>[_<pre_label>]`` and
+    ``meta/<dataset>_<backbone>_<W>way<S>shot[_HT]_<meta_label>``."""
+
+    log_root: str
+    dataset: str
+    backbone: str
+    way: int = 5
+    shot: int = 1
+    pre_label: str = ""
+    meta_label: str = "exp1"
+    hard_task: bool = False
+
+    @property
+    def pre_dir(self) -> str:
+        label = f"_{self.pre_label}" if self.pre_label else ""
+        return os.path.join(self.log_root, "pre", f"{self.dataset}_{self.backbone}{label}")
+
+    @property
+    def meta_dir(self) -> str:
+        ht = "_HT" if self.hard_task else ""
+        return os.path.join(self.log_root, "meta",
+                            f"{self.dataset}_{self.backbone}_{self.way}way{self.shot}shot{ht}_{self.meta_label}")
+
+    def pre_checkpoint(self, init_epoch: int = 0) -> str:
+        """The pre-train checkpoint a meta run starts from: ``epoch<N>.pth``, or ``max_acc.pth`` for N = 0."""
+        return os.path.join(self.pre_dir, f"epoch{init_epoch}.pth" if init_epoch else "max_acc.pth")
+
+    @property
+    def meta_checkpoint(self) -> str:
+        """The meta run's best checkpoint (what ``meta_eval`` tests by default)."""
+        return os.path.join(self.meta_dir, "max_acc.pth")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunPaths":
+        return cls(args.log_root, args.dataset, args.backbone, args.way, args.shot, args.pre_label, args.meta_label,
+                   bool(args.hard_task))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the splits are and how images are stored and transformed (``trainer.base.DataBundle``)."""
+
+    dataset_dir: str
+    image_size: int
+    preprocess: str
+    augment: bool
+    cache_dir: str | None
+    num_workers: int = 0
+    pre_train_dir: str | None = None
+    meta_train_dir: str | None = None
+    meta_val_dir: str | None = None
+    meta_test_dir: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataSettings":
+        cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
+        return cls(args.dataset_dir, args.image_size, args.preprocess, args.pre_augment == "on",
+                   None if cache == "none" else cache, args.num_workers, args.pre_train_dir, args.meta_train_dir,
+                   args.meta_val_dir, args.meta_test_dir)
+
+
+@dataclass(frozen=True)
+class HardTaskSettings:
+    """The hard-task meta-batch, paper Alg. 1 (``trainer/hard_tasks.py``)."""
+
+    way: int
+    shot: int
+    query: int
+    normal_tasks: int
+    hard_tasks: int
+    update: str
+    start_epoch: int
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "HardTaskSettings":
+        return cls(args.way, args.shot, args.train_query, args.ht_normal_tasks or args.meta_batch_size,
+                   args.ht_hard_tasks, args.ht_update, args.ht_start_epoch, args.seed)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, built once by :meth:`from_args`."""
+
+    args: argparse.Namespace
+    paths: RunPaths
+    data: DataSettings
+    inner_train: InnerLoop
+    pre_val: EvalSettings
+    meta_val: EvalSettings
+    test: EvalSettings
+    hard: HardTaskSettings | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        scale = inner_loss_scale(args.inner_loss, args.way)
+        common = dict(way=args.way, shot=args.shot, seed=args.eval_seed, mode=args.eval_mode,
+                      batch_size=args.eval_batch_size, amp=args.amp, progress=not args.quiet)
+        val = dict(common, query=args.val_query, episodes=args.num_val_episodes)
+        return cls(
+            args=args, paths=RunPaths.from_args(args), data=DataSettings.from_args(args),
+            inner_train=InnerLoop(args.update_step, args.base_lr, scale, bool(args.second_order)),
+            pre_val=EvalSettings(**val, inner=InnerLoop(args.pre_val_update_step, args.pre_val_base_lr)),
+            meta_val=EvalSettings(**val, inner=InnerLoop(args.update_step, args.base_lr, scale)),
+            test=EvalSettings(**common, query=args.val_query, episodes=args.num_test_episodes,
+                              classifier=args.eval_classifier,
+                              inner=InnerLoop(args.test_update_step, args.base_lr, scale)),
+            hard=HardTaskSettings.from_args(args) if args.hard_task else None)
