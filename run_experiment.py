@@ -68,6 +68,7 @@ SECOND_ORDER = True            # differentiate through the inner loop (TF); Fals
 NUM_TEST_EPISODES = 600        # meta-test episodes
 HARD_TASK = False              # hard-task meta-batch (paper Alg. 1)
 RESUME = False                 # continue interrupted runs (main.py --resume)
+OVERWRITE = False              # re-run into a folder holding a run: move that run aside (main.py --overwrite)
 DEVICE = "auto"                # auto, cpu or cuda
 META_LABEL = "exp1"            # label of the meta-train run
 DOWNLOAD_DIR = os.path.join(LOG_DIR, "download_weights")  # META_LOAD / TEST_LOAD read weights from here
@@ -103,9 +104,11 @@ ABLATION = {
                "num_val_episodes": 600, "update_step": 100, "base_lr": 0.1, "inner_loss": "mean", "quiet": True},
     "pre": {"pre_optimizer": "adam", "pre_lr": 1e-3, "pre_batch_size": 64, "pre_max_epoch": 12, "pre_step_size": 5,
             "pre_gamma": 0.5, "pre_head": "linear", "pre_augment": "off", "pre_dropout_keep": 0.9,
-            "pre_custom_weight_decay": 5e-4, "pre_val_update_step": 100, "pre_val_base_lr": 0.1},
+            "pre_custom_weight_decay": 5e-4, "pre_val_update_step": 100, "pre_val_base_lr": 0.1,
+            "overwrite": True},  # ABLATION re-runs from scratch: earlier runs are moved aside, not deleted
     "meta": {"max_epoch": 12, "num_batch": 50, "meta_batch_size": 5, "meta_lr1": 1e-3, "meta_lr2": 1e-3,
-             "step_size": 6, "gamma": 0.5, "train_query": 10, "first_order": True, "meta_label": "ss"},
+             "step_size": 6, "gamma": 0.5, "train_query": 10, "first_order": True, "meta_label": "ss",
+             "overwrite": True},
     "ht": {"hard_task": True, "ht_normal_tasks": 5, "ht_hard_tasks": 1, "ht_update": "separate", "ht_start_epoch": 1},
     "scratch": {"init_weights": "scratch", "meta_label": "scratch"},
     "test": {"num_test_episodes": 2000, "test_update_step": 100},
@@ -170,7 +173,7 @@ def main_cmd(phase: str, flags: list[str], extra: list[str] | None = None) -> li
 def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
     """The main.py command lines of a mode (PRE, META, TEST, META_LOAD, TEST_LOAD)."""
     f = common_flags(recipe)
-    resume = ["--resume"] if RESUME else []
+    resume = ["--resume"] if RESUME else (["--overwrite"] if OVERWRITE else [])
     if mode == "PRE":
         return [main_cmd("pre_train", f, resume)]
     if mode == "META":
@@ -199,18 +202,34 @@ def demo_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
         base += [f"--{k}", str(v)]
     base += ["--dataset", "glyphs", "--device", DEVICE]
     pre_ckpt = RunPaths(d["log_root"], "glyphs", d["backbone"]).pre_checkpoint()  # where main.py writes it
-    out = [("pre-train", main_cmd("pre_train", base))]
+    again = ["--overwrite"]  # the DEMO always starts afresh; an earlier DEMO's runs are moved aside, not deleted
+    out = [("pre-train", main_cmd("pre_train", base + again))]
     for shot in (1, 5):
         s = ["--shot", str(shot), "--meta_label", "demo"]
-        out.append((f"{shot}-shot meta-train", main_cmd("meta_train", base + s)))
+        out.append((f"{shot}-shot meta-train", main_cmd("meta_train", base + s + again)))
         out.append((f"{shot}-shot MTL test", main_cmd("meta_eval", base + s)))
         out.append((f"{shot}-shot FT baseline test", main_cmd("meta_eval", base + s + ["--eval_weights", pre_ckpt])))
     return out
 
 
+def earlier_run_note(cmd: list[str]) -> str | None:
+    """What a training command does to an earlier run in its folder (printed under the command)."""
+    if "--phase" not in cmd or cmd[cmd.index("--phase") + 1] not in ("pre_train", "meta_train"):
+        return None
+    if "--resume" in cmd:
+        return "# continues the run in its folder (--resume)"
+    if "--overwrite" in cmd:
+        return "# an earlier run in its folder is moved aside to <folder>.old-<time>, not deleted (--overwrite)"
+    return ("# if its folder already holds a run, this stops and leaves it as it is: set RESUME = True to continue "
+            "it or OVERWRITE = True to move it aside")
+
+
 def run(cmd: list[str], dry: bool) -> None:
     shown = ["python"] + cmd[1:] if cmd[0] == sys.executable else cmd  # repeatable by hand as printed
     print("$ " + " ".join(shlex.quote(c) for c in shown), flush=True)
+    note = earlier_run_note(cmd)
+    if note:
+        print(note, flush=True)
     if dry:
         return
     rc = subprocess.call(cmd)

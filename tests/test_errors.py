@@ -9,9 +9,11 @@ reaches stderr.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,9 +188,9 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         assert main.cli(blowup + ["--stop_after_epoch", "1"]) == 0  # epoch 1 at lr 0.01: fine
         return blowup + ["--resume"]                                  # epoch 2 at lr 1e8: NaN
     if cid == "E24":  # loss NaN in the first epoch (no checkpoint of this run yet)
-        return c.argv(*PRE, "--pre_lr", "1e8", "--pre_optimizer", "sgd")
+        return c.argv(*PRE, "--pre_lr", "1e8", "--pre_optimizer", "sgd", "--pre_label", "nan")
     if cid == "E25":  # loss NaN in meta-train (inner loop diverges)
-        return c.argv(*META, "--meta_lr1", "1e30")
+        return c.argv(*META, "--meta_lr1", "1e30", "--meta_label", "nan")
     if cid == "E26":  # --resume without a resume checkpoint
         return c.argv(*PRE, "--resume", "--pre_label", "never_ran")
     if cid == "E27":  # --resume with a contradicting setting
@@ -211,11 +213,17 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         def oom(self, epoch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         monkeypatch.setattr(trainer.pre.PreTrainer, "train_epoch", oom)
+        return c.argv(*PRE, "--pre_label", "oom")
+    if cid == "E34":  # the folder is locked by a live process (this one stands in for the first run)
+        (c.logs / PRE_DIR / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                             "started": "2026-12-01T10:00:00"}))
+        return c.argv(*PRE)
+    if cid == "E35":  # the same pre-train again into the finished run's folder
         return c.argv(*PRE)
     raise KeyError(cid)
 
 
-CASES = [f"E{i:02d}" for i in range(1, 34)]
+CASES = [f"E{i:02d}" for i in range(1, 36)]
 
 
 def test_every_row_of_the_catalogue_has_a_case():

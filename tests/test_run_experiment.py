@@ -53,6 +53,7 @@ CASES = {
     "NUM_TEST_EPISODES": (2000, "num_test_episodes", 2000),
     "HARD_TASK": (True, "hard_task", True),
     "RESUME": (True, "resume", True),
+    "OVERWRITE": (True, "overwrite", True),
     "DEVICE": ("cpu", "device", "cpu"),
     "DATASET": ("FC100", "dataset", "FC100"),
     "META_LABEL": ("run7", "meta_label", "run7"),
@@ -125,5 +126,22 @@ def test_pre_without_data_is_one_clear_message(tmp_path):
 def test_dry_run_prints_commands_only():
     p = subprocess.run([sys.executable, "run_experiment.py", "META", "--dry_run"], capture_output=True, text=True)
     assert p.returncode == 0
-    lines = p.stdout.splitlines()
+    lines = [ln for ln in p.stdout.splitlines() if not ln.startswith("# ")]  # "# ...": the earlier-run notes
     assert len(lines) == 2 and all(ln.startswith("$ ") and "main.py --phase meta_" in ln for ln in lines)
+    assert len(p.stdout.splitlines()) == 3  # one note, under the meta-train command
+
+
+def test_training_commands_say_what_happens_to_an_earlier_run(monkeypatch, capsys):
+    cmd = rx.commands("PRE")[0]
+    assert "--resume" not in cmd and "--overwrite" not in cmd
+    assert "stops and leaves it as it is" in rx.earlier_run_note(cmd)
+    monkeypatch.setattr(rx, "OVERWRITE", True)
+    assert "moved aside" in rx.earlier_run_note(rx.commands("PRE")[0])
+    monkeypatch.setattr(rx, "RESUME", True)
+    assert "continues" in rx.earlier_run_note(rx.commands("META")[0])
+    assert rx.earlier_run_note(rx.commands("META")[1]) is None  # meta_eval only reads
+    for name, c in rx.demo_commands(smoke=True):
+        assert ("--overwrite" in c) == (name == "pre-train" or name.endswith("meta-train")), name
+    rx.run(rx.demo_commands(smoke=True)[0][1], dry=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("$ python") and out[1].startswith("# an earlier run in its folder is moved aside")

@@ -23,6 +23,7 @@ from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
 from utils.options import resume_may_differ, settings_dict
+from utils.run_lock import RunLock, holds_run, move_aside
 from utils.settings import DataSettings, EvalSettings, Settings
 
 def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
@@ -235,12 +236,33 @@ class BaseTrainer:
             return None
 
     def run(self) -> str:
-        """Train, validate every epoch, keep ``max_acc.pth`` (best val) and ``last.pth``; return the best path."""
+        """Train, validate every epoch, keep ``max_acc.pth`` (best val) and ``last.pth``; return the best path.
+
+        The run holds its folder's lock (:class:`utils.run_lock.RunLock`) from the moment the settings and the data
+        have been checked until it ends, whichever way it ends; a folder that already holds a run is continued
+        (``--resume``), moved aside (``--overwrite``) or left alone with a one-line error."""
         a = self.args
         ensure_writable(self.log_dir)
         self.build()
-        if a.resume:
-            self.load_resume()
+        with RunLock(self.log_dir):
+            if not a.resume and holds_run(self.log_dir):
+                if not a.overwrite:
+                    raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it with "
+                                    "--resume, or start afresh with --overwrite (the earlier run is moved to "
+                                    f"{self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
+                print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
+                      flush=True)
+            self.start_fresh()
+            if a.resume:
+                self.load_resume()
+            return self._epochs()
+
+    def start_fresh(self) -> None:
+        """Called with the lock held, before the first epoch: remove what a fresh run must not append to."""
+
+    def _epochs(self) -> str:
+        """The epoch loop (the lock is held)."""
+        a = self.args
         # Nothing is written into the log folder before the first epoch has finished (a run that fails early
         # leaves an earlier run's files as they were); the TensorBoard writer is opened then too.
         writer = None

@@ -77,8 +77,11 @@ class MetaTrainer(BaseTrainer):
         self.hard = None
         if self.settings.hard is not None:
             self.hard = HardTaskPlanner(self.settings.hard, self.train_set, self.log_dir)
-            if not a.resume and os.path.exists(self.hard.log_path):
-                os.unlink(self.hard.log_path)  # a fresh run starts a fresh log
+
+    def start_fresh(self) -> None:
+        """A fresh run starts a fresh hard-task log (the lock is held; a finished run was refused or moved)."""
+        if self.hard is not None and not self.args.resume and os.path.exists(self.hard.log_path):
+            os.unlink(self.hard.log_path)
 
     def load_pretrained(self) -> None:
         a = self.args

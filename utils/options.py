@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log_root", default="./logs", help="all checkpoints, logs and results go under this folder")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--resume", action="store_true", help="continue the run in its log folder from its last checkpoint")
+    a("--overwrite", action="store_true",
+      help="start afresh in a log folder that holds an earlier run: that run is moved to <folder>.old-<time>")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (slower); CPU runs are already")
     a("--amp", action="store_true", help="bf16 autocast on CUDA (default fp32)")
     a("--channels_last", action="store_true", help="channels_last memory format on CUDA")
