@@ -11,8 +11,11 @@ float32 rounding and the computation's conditioning).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import pickle
+import struct
 
 import numpy as np
 import torch
@@ -226,3 +229,54 @@ def assert_within_float32_noise(actual, reference: dict, floor: dict, longest_su
     assert not bad, (f"{what}: float32 error above sqrt({longest_sum}) x noise floor for "
                      + ", ".join(f"{k} ({r:.2f}x the bound)" for k, r in bad[:5]))
     return ratios
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Python-2-style pickles (the MetaOptNet / RFS benchmark pickles and the official TensorFlow ``weights.npy`` were
+# written by Python 2): byte strings as ``BINSTRING`` opcodes, ``__builtin__`` and ``numpy.core`` module names.
+# ---------------------------------------------------------------------------------------------------------------------
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table can be overridden
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        n = len(data)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = getattr(obj, "__module__", None)
+        name = name or obj.__qualname__
+        module = {"builtins": "__builtin__", "numpy._core.multiarray": "numpy.core.multiarray",
+                  "numpy._core.numeric": "numpy.core.numeric"}.get(module, module)
+        self.write(pickle.GLOBAL + module.encode() + b"\n" + name.encode() + b"\n")
+        self.memoize(obj)
+
+    dispatch[type] = save_global
+
+
+def py2_pickle_dumps(obj) -> bytes:
+    """``obj`` pickled as Python 2's ``cPickle.dump(obj, f, protocol=2)`` wrote it: every ``str`` and ``bytes`` is a
+    Python 2 byte string (so ``pickle.load`` without ``encoding="latin1"`` fails on the arrays, as on the real files),
+    globals under their Python 2 / numpy 1 names. Strings must be latin-1 encodable."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def py2_object_npy(path: str, obj) -> str:
+    """An ``.npy`` file as Python 2 ``np.save(path, obj_dict)`` wrote it: a version 1.0 header for a 0-d object array,
+    then the Python-2-style pickle of that array (how the official TensorFlow MTL ``weights.npy`` files are stored)."""
+    arr = np.empty((), dtype=object)
+    arr[()] = obj
+    header = {"descr": "|O", "fortran_order": False, "shape": ()}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(py2_pickle_dumps(arr))
+    return path
