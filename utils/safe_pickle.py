@@ -32,7 +32,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-__all__ = ["SafeUnpickler", "load_pickle", "loads_pickle", "load_object_npy", "ALLOWED_GLOBALS"]
+__all__ = ["SafeUnpickler", "load_pickle", "loads_pickle", "load_object_npy", "stream_pickle_list", "ALLOWED_GLOBALS"]
 
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 
@@ -61,15 +61,20 @@ class SafeUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        # numpy >= 2 keeps numpy.core as an alias that warns on import; map the old name to the new one.
-        if (module, name) not in ALLOWED_GLOBALS:
-            raise UserError(f"{self.source}: refused to unpickle {module}.{name} (only arrays, numbers, strings "
-                            f"and containers are read from outside files; this file would run code)")
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core"):]
-        if module == "__builtin__":
-            module = "builtins"
-        return super().find_class(module, name)
+        return super().find_class(*_checked_global(self.source, module, name))
+
+
+def _checked_global(source: str, module: str, name: str) -> tuple[str, str]:
+    """``(module, name)`` to import when the pair is admitted (numpy 1 names mapped to numpy 2's), else UserError."""
+    if (module, name) not in ALLOWED_GLOBALS:
+        raise UserError(f"{source}: refused to unpickle {module}.{name} (only arrays, numbers, strings "
+                        f"and containers are read from outside files; this file would run code)")
+    # numpy >= 2 keeps numpy.core as an alias that warns on import; map the old name to the new one.
+    if module.startswith("numpy.core") and hasattr(np, "_core"):
+        module = "numpy._core" + module[len("numpy.core"):]
+    if module == "__builtin__":
+        module = "builtins"
+    return module, name
 
 
 def loads_pickle(data: bytes, source: str, encoding: str = "latin1") -> Any:
@@ -127,3 +132,99 @@ def load_object_npy(path: str) -> Any:
     if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.shape == ():
         return obj.item()
     return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming a pickled list (tieredImageNet ``*_images_png.pkl``: a list of 448,695 PNG byte arrays for train)
+# ---------------------------------------------------------------------------------------------------------------------
+#: Memo entries larger than this (arrays, byte strings, long strings) are dropped once their list item is handed on.
+_STREAM_KEEP_BYTES = 256
+
+
+def _is_bulky(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return True
+    if isinstance(v, (bytes, bytearray, str)):
+        return len(v) > _STREAM_KEEP_BYTES
+    return isinstance(v, (tuple, list, dict))
+
+
+class _ListStreamer(pickle._Unpickler):  # the pure-Python unpickler: its opcode table can be overridden
+    """Unpickles a file whose top-level object is a list, handing each item to ``on_item(index, item)`` as soon
+    as it is appended instead of keeping it: the memory held is one ``APPENDS`` batch (pickle writes 1,000 items
+    per batch), not the whole list. Globals are admitted exactly as by :class:`SafeUnpickler`."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: BinaryIO, source: str, on_item, encoding: str = "latin1") -> None:
+        super().__init__(file, encoding=encoding)
+        self.source = source
+        self.on_item = on_item
+        self.root: list | None = None
+        self.count = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        return pickle._Unpickler.find_class(self, *_checked_global(self.source, module, name))
+
+    def _hand_on(self, items) -> None:
+        for item in items:
+            self.on_item(self.count, item)
+            self.count += 1
+        # the pickler memoised every array / byte string it wrote; forget them, keep the shared small objects
+        # (globals, the dtype, short strings) that later items refer back to
+        for k in [k for k, v in self.memo.items() if _is_bulky(v)]:
+            del self.memo[k]
+
+    def load_empty_list(self) -> None:
+        lst: list = []
+        if self.root is None and not self.stack and not self.metastack:
+            self.root = lst
+        self.append(lst)
+
+    dispatch[pickle.EMPTY_LIST[0]] = load_empty_list
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if target is self.root:
+            self._hand_on(items)
+        elif isinstance(target, list):
+            target.extend(items)
+        else:
+            raise pickle.UnpicklingError("APPENDS to a non-list")
+
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        target = self.stack[-1]
+        if target is self.root:
+            self._hand_on([value])
+        elif isinstance(target, list):
+            target.append(value)
+        else:
+            raise pickle.UnpicklingError("APPEND to a non-list")
+
+    dispatch[pickle.APPEND[0]] = load_append
+
+
+def stream_pickle_list(path: str, on_item, encoding: str = "latin1") -> int:
+    """Read the pickle file ``path``, whose top-level object is a list, item by item: ``on_item(i, item)`` is called
+    for each item in order and the item is then dropped. Returns the number of items. Same admission rules and
+    errors as :func:`load_pickle` (a refused global stops it before it runs; a ``UserError`` raised by ``on_item``
+    passes through); a file whose top level is not a list is a ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        streamer = _ListStreamer(f, path, on_item, encoding)
+        try:
+            top = streamer.load()
+        except UserError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+                KeyError, UnicodeDecodeError, MemoryError) as e:
+            raise UserError(f"{path} is not a readable pickle (truncated or corrupt?): {type(e).__name__}: "
+                            f"{str(e)[:120]}")
+    if top is not streamer.root:
+        raise UserError(f"{path}: expected a pickled list, found {type(top).__name__}")
+    return streamer.count
