@@ -26,7 +26,7 @@ def validate_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | str:
-    from utils.options import describe_recipe, parse_args
+    from utils.options import describe_dataset, describe_recipe, parse_args
     args = parse_args(argv)
 
     from utils.gpu_tools import set_gpu
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
     print(describe_recipe(args), flush=True)
+    print(describe_dataset(args), flush=True)
     from utils.settings import Settings
     settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
     if args.phase == "pre_train":

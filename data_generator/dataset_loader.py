@@ -55,6 +55,9 @@ __all__ = [
     "decode_image",
     "CACHE_VERSION",
     "IMAGE_EXTENSIONS",
+    "lookup_cache",
+    "write_cache",
+    "fit_square",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,10 +123,17 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------------------------------
 # Specs and episode checks
 # ---------------------------------------------------------------------------------------------------------------------
-def split_spec(dataset_dir: str, split: str) -> str:
-    """The spec of one split: ``"<dir>/<split>"`` for a folder root, ``"<x.npz>#<split>"`` for a pack."""
+def split_spec(dataset_dir: str, split: str, dataset: str | None = None) -> str:
+    """The spec of one split: ``"<x.npz>#<split>"`` for a pack; for a folder, ``"<dir>/<split>"`` when it holds
+    class folders (or is missing), else ``"<dir>#<split>"`` (or ``"<dir>#<benchmark>:<split>"`` for CIFAR-100,
+    which holds two benchmarks) naming the benchmark files detected in it (:mod:`data_generator.formats`)."""
     if str(dataset_dir).lower().endswith(".npz"):
         return f"{dataset_dir}#{split}"
+    if os.path.isdir(dataset_dir):
+        from data_generator.formats import format_split_spec
+        spec = format_split_spec(dataset_dir, split, dataset)
+        if spec is not None:
+            return spec
     return os.path.join(dataset_dir, split)
 
 
@@ -187,7 +197,7 @@ def check_episode_fit(imageset: ImageSet, way: int, n_per_class: int, role: str)
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------------------------------
-def _fit_square(img: Image.Image, size: int) -> np.ndarray:
+def fit_square(img: Image.Image, size: int) -> np.ndarray:
     """PIL image -> uint8 (size, size, C): resize the shorter side to size (bilinear), center crop (torchvision)."""
     w, h = img.size
     if (w, h) != (size, size):
@@ -212,7 +222,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             rgb = im.convert("RGB")
-        arr = _fit_square(rgb, size)
+        arr = fit_square(rgb, size)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not a readable image ({detail})") from None
@@ -322,8 +332,9 @@ def _tmp_name(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _load_cached(npy: str, meta: str, n: int, size: int, files: list[str]) -> tuple[np.ndarray, dict] | None:
-    """The cached (images memmap, meta) when both files exist and agree with the scan, else None."""
+def _load_cached(npy: str, meta: str, n: int | None, size: int, files: list[str]) -> tuple[np.ndarray, dict] | None:
+    """The cached (images memmap, meta) when both files exist and agree with the scan (``n`` images, or as many as
+    the entry's labels when ``n`` is None; the same ``files``), else None."""
     if not (os.path.isfile(npy) and os.path.isfile(meta)):
         return None
     try:
@@ -333,10 +344,57 @@ def _load_cached(npy: str, meta: str, n: int, size: int, files: list[str]) -> tu
     except (OSError, ValueError) as exc:
         log.warning("ignoring the broken image cache entry %s (%s)", npy, exc)
         return None
+    if n is None:
+        n = len(info.get("labels", ()))
     if images.dtype != np.uint8 or images.shape != (n, size, size, 3) or info.get("files") != files:
         log.warning("ignoring the inconsistent image cache entry %s", npy)
         return None
     return images, info
+
+
+def cache_paths(cache_dir: str, key: str) -> tuple[str, str]:
+    """``(<cache_dir>/<key>.npy, <cache_dir>/<key>.json)``: the image array and its meta (written last)."""
+    return os.path.join(cache_dir, f"{key}.npy"), os.path.join(cache_dir, f"{key}.json")
+
+
+def lookup_cache(cache_dir: str, key: str, stored_size: int, files: list[str]) -> tuple[np.ndarray, dict] | None:
+    """A complete cache entry (images memmap uint8 (N, S, S, 3), its meta dict) for ``key``, or None."""
+    npy, meta = cache_paths(cache_dir, key)
+    return _load_cached(npy, meta, None, stored_size, files)
+
+
+def write_cache(cache_dir: str, key: str, n: int, stored_size: int, fill, info: dict) -> np.ndarray:
+    """Create the entry ``key``: ``fill(out)`` writes the uint8 (n, S, S, 3) images into a memmap under a temporary
+    name; then the array and ``info`` (json, with ``version`` and ``stored_size`` added) are moved into place, the
+    json last (it marks the entry complete). On any failure (a UserError from ``fill`` included) both temporary
+    files are removed, so nothing half-written stays. Returns the entry's images as a read-only memmap."""
+    npy, meta = cache_paths(cache_dir, key)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = _tmp_name(npy)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, stored_size, stored_size, 3))
+    except OSError as exc:
+        raise UserError(f"cannot write the image cache in {cache_dir}: {exc.strerror or exc}") from None
+    tmp_meta = None
+    try:
+        fill(arr)
+        arr.flush()
+        del arr
+        os.replace(tmp, npy)
+        info = {"version": CACHE_VERSION, "stored_size": int(stored_size), **info}
+        tmp_meta = _tmp_name(meta)
+        with open(tmp_meta, "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        os.replace(tmp_meta, meta)
+    except BaseException:
+        for p in (tmp, tmp_meta):
+            if p and os.path.exists(p):
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+        raise
+    return np.load(npy, mmap_mode="r")
 
 
 def _load_folder(root: str, stored_size: int, cache_dir: str | None, num_workers: int) -> ImageSet:
@@ -350,46 +408,16 @@ def _load_folder(root: str, stored_size: int, cache_dir: str | None, num_workers
         return ImageSet(images, labels, classes, root, files)
 
     key = _cache_key(root, files, stored_size)
-    npy = os.path.join(cache_dir, f"{key}.npy")
-    meta = os.path.join(cache_dir, f"{key}.json")
+    npy, meta = cache_paths(cache_dir, key)
     cached = _load_cached(npy, meta, n, stored_size, files)
     if cached is not None:
         log.info("loaded %d decoded images of %s from the cache %s", n, root, npy)
         return ImageSet(cached[0], labels, classes, root, files)
 
     log.info("decoding %d images from %s into the cache %s", n, root, npy)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = _tmp_name(npy)
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, stored_size, stored_size, 3))
-    except OSError as exc:
-        raise UserError(f"cannot write the image cache in {cache_dir}: {exc.strerror or exc}") from None
-    try:
-        _decode_all(paths, stored_size, arr, num_workers)
-        arr.flush()
-        del arr
-        os.replace(tmp, npy)
-        info = {
-            "version": CACHE_VERSION,
-            "source": os.path.abspath(root),
-            "stored_size": int(stored_size),
-            "class_names": classes,
-            "labels": labels.tolist(),
-            "files": files,
-        }
-        tmp_meta = _tmp_name(meta)
-        with open(tmp_meta, "w", encoding="utf-8") as fh:
-            json.dump(info, fh)
-        os.replace(tmp_meta, meta)
-    except BaseException:
-        for p in (tmp, locals().get("tmp_meta")):
-            if p and os.path.exists(p):
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-        raise
-    images = np.load(npy, mmap_mode="r")
+    info = {"source": os.path.abspath(root), "class_names": classes, "labels": labels.tolist(), "files": files}
+    images = write_cache(cache_dir, key, n, stored_size,
+                         lambda out: _decode_all(paths, stored_size, out, num_workers), info)
     return ImageSet(images, labels, classes, root, files)
 
 
@@ -445,7 +473,7 @@ def _load_npz(path: str, split: str, stored_size: int, spec: str) -> ImageSet:
         mode = "L" if images.ndim == 3 else "RGB"
         out = np.empty((n, stored_size, stored_size) + images.shape[3:], dtype=np.uint8)
         for k in range(n):
-            out[k] = _fit_square(Image.fromarray(images[k], mode=mode), stored_size)
+            out[k] = fit_square(Image.fromarray(images[k], mode=mode), stored_size)
         images = out
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=3)
@@ -474,4 +502,8 @@ def load_split(spec: str, stored_size: int, cache_dir: str | None = None, num_wo
     npz = _parse_npz_spec(spec)
     if npz is not None:
         return _load_npz(npz[0], npz[1], stored_size, spec)
+    root, sep, split = spec.rpartition("#")
+    if sep and os.path.isdir(root):
+        from data_generator.formats import load_format_split  # the benchmark files' readers
+        return load_format_split(root, split, stored_size, cache_dir, num_workers)
     return _load_folder(spec, stored_size, cache_dir, num_workers)

@@ -62,11 +62,13 @@ class DataBundle:
         if explicit:
             return explicit
         return split_spec(d.dataset_dir, {"pre_train": "train", "meta_train": "train", "val": "val",
-                                          "test": "test"}[role])
+                                          "test": "test"}[role], d.dataset)
 
     def load(self, role: str) -> ImageSet:
         spec = self.spec(role)
-        if not spec.split("#")[0].endswith(".npz") and not os.path.isdir(spec):
+        root, sep, _ = spec.rpartition("#")
+        benchmark_files = bool(sep) and os.path.isdir(root)  # a spec of data_generator/formats.py
+        if not spec.split("#")[0].endswith(".npz") and not benchmark_files and not os.path.isdir(spec):
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")

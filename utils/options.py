@@ -35,7 +35,21 @@ from typing import Sequence
 from models.resnet_mtl import BACKBONES
 
 PHASES = ("pre_train", "meta_train", "meta_eval")
-DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "glyphs", "custom")
+DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "CIFAR-FS", "glyphs", "custom")
+
+# What the paper / official code fixes per benchmark (docs/DATA.md). Nothing here is a flag default: the number of
+# pre-train classes is read from the data (the official TF code's hand-set pretrain_class_num, reference 11.x, is
+# not needed), and the input is the recipe's (--image_size 80 stored at 92 for --preprocess pytorch, the official
+# PyTorch Resize(92) -> CenterCrop(80) for every dataset, 32-px images upsampled; 84 for the paper / TF recipe, to
+# which the official author resizes FC100 too, reference 2.4). The preset is printed in the run header; it also
+# picks FC100 or CIFAR-FS in a cifar-100-python folder. classes: (train, val, test); px: the source images' side.
+DATASET_PRESETS: dict[str, dict[str, object]] = {
+    "miniImageNet": {"px": 84, "classes": (64, 16, 20), "images": (38400, 9600, 12000)},
+    "tieredImageNet": {"px": 84, "classes": (351, 97, 160), "images": (448695, 124261, 206209)},
+    "FC100": {"px": 32, "classes": (60, 20, 20), "images": (36000, 12000, 12000)},
+    "CIFAR-FS": {"px": 32, "classes": (64, 16, 20), "images": (38400, 9600, 12000)},
+}
+OFFICIAL_INPUT = {"pytorch": 80, "paper": 84}  # the official PyTorch / TF network input, for every dataset
 
 # Values in which the two published recipes differ. main.py's own defaults are the "pytorch" column.
 RECIPES: dict[str, dict[str, object]] = {
@@ -129,12 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("official PyTorch flags (same names, defaults and meanings)")
     a = g.add_argument
     a("--model_type", default="ResNet", choices=["ResNet"], help=argparse.SUPPRESS)  # official scripts pass it
-    a("--dataset", default="miniImageNet", choices=DATASETS, help="dataset name (log folder names)")
+    a("--dataset", default="miniImageNet", choices=DATASETS,
+      help="dataset name (log folder names) and preset: the benchmark to read where --dataset_dir holds several "
+           "(FC100 or CIFAR-FS from cifar-100-python); printed in the run header")
     a("--phase", default="meta_train", choices=PHASES)
     a("--seed", type=int, default=0, help="0 = draw a random seed (printed and stored); N = fully seeded run")
     flex(a("--gpu", default=None, help="CUDA_VISIBLE_DEVICES to set (default: leave it alone)"))
     a("--dataset_dir", default="./data/mini/",
-      help="root with train/ val/ test/ class folders, or a .npz pack (e.g. data/glyphs100.npz)")
+      help="root with train/ val/ test/ class folders, a .npz pack (e.g. data/glyphs100.npz), or the benchmark "
+           "files of MetaOptNet/RFS, learn2learn, tieredImageNet, Ravi csv or cifar-100-python (detected; "
+           "docs/DATA.md)")
     flex(a("--max_epoch", type=positive_int, default=100, help="meta-train epochs"))
     a("--num_batch", type=positive_int, default=100, help="meta-batches (outer updates) per meta-train epoch")
     a("--shot", type=positive_int, default=1)
@@ -277,6 +295,23 @@ def describe_recipe(args: argparse.Namespace) -> str:
     extra = RECIPE_BACKBONE_OVERRIDES.get((args.recipe, args.backbone))
     tail = "" if not extra else "; for this backbone " + ", ".join(f"--{k} {v}" for k, v in extra.items())
     return f"recipe {args.recipe} ({why}{tail}; flags given on the command line win)"
+
+
+def describe_dataset(args: argparse.Namespace) -> str:
+    """One line for the run's header: the --dataset preset (what the official code fixes for it)."""
+    preset = DATASET_PRESETS.get(args.dataset)
+    if preset is None:
+        return f"dataset {args.dataset} (no preset; classes and sizes read from the data)"
+    stored = int(round(args.image_size * 92 / 80)) if args.preprocess == "pytorch" else args.image_size
+    official = OFFICIAL_INPUT[args.preprocess]
+    how = (f"stored at {stored} px, centre crop {args.image_size}" if args.preprocess == "pytorch"
+           else f"stored at {stored} px")
+    px = preset["px"]
+    resize = f"{px}-px images {'upsampled' if stored > px else 'resized'}" if stored != px else f"{px}-px images"
+    note = "" if args.image_size == official else f"; the official {args.preprocess} input is {official}"
+    tr, va, te = preset["classes"]
+    return (f"dataset {args.dataset} preset: {resize}, {how} (--preprocess {args.preprocess}{note}); "
+            f"published split {tr}/{va}/{te} classes; pre-train classes read from the data")
 
 
 def settings_dict(args: argparse.Namespace) -> dict:
