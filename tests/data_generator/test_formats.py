@@ -250,3 +250,39 @@ def test_stream_pickle_list_many_batches(tmp_path):
     path.write_bytes(py2_pickle_dumps({"not": "a list"}))
     with pytest.raises(UserError, match=r"expected a pickled list, found dict"):
         stream_pickle_list(str(path), lambda i, x: None)
+
+
+# ------------------------------------------------------------------------------------------------ main.py end to end
+E2E = ["--backbone", "conv4", "--image_size", "16", "--preprocess", "paper", "--seed", "3", "--quiet",
+       "--device", "cpu", "--num_val_episodes", "10", "--num_test_episodes", "20", "--update_step", "3",
+       "--base_lr", "0.1", "--pre_val_update_step", "5"]
+PRE = ["--phase", "pre_train", "--pre_max_epoch", "1", "--pre_batch_size", "40", "--pre_head", "linear",
+       "--pre_optimizer", "adam", "--pre_lr", "0.001"]
+META = ["--phase", "meta_train", "--max_epoch", "1", "--num_batch", "2"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "metaoptnet", "learn2learn", "tiered-png", "tiered-npz", "cifar100"])
+def test_main_runs_on_each_format(fmt, same_images, cifar, tmp_path, capsys):
+    import json
+
+    import torch
+
+    import main
+    if fmt == "cifar100":
+        root, extra, n_train, dataset = cifar[0], ["--dataset", "FC100"], 60, "FC100"
+    else:
+        root, extra, n_train = same_images[1][fmt], [], 8
+        dataset = "miniImageNet"  # the default
+    logs = str(tmp_path / "logs")
+    base = E2E + extra + ["--dataset_dir", root, "--log_root", logs]
+    if fmt == "cifar100":
+        base += ["--val_query", "6", "--train_query", "6"]  # 7 images per class in the fake
+    assert main.cli(PRE + base) == 0
+    assert main.cli(META + base) == 0
+    assert main.cli(["--phase", "meta_eval"] + base) == 0
+    out = capsys.readouterr().out
+    assert f"dataset {dataset} preset: " in out
+    ck = torch.load(os.path.join(logs, "pre", f"{dataset}_conv4", "max_acc.pth"), weights_only=True)
+    assert ck["num_classes"] == n_train  # read from the data
+    res = json.load(open(os.path.join(logs, "meta", f"{dataset}_conv4_5way1shot_exp1", "results.json")))
+    assert res["episodes"] == 20 and 0.0 <= res["mean"] <= 100.0
