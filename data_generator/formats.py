@@ -292,6 +292,8 @@ def _decode_bytes(blob: Any, size: int, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as im:
             rgb = im.convert("RGB")
         return fit_square(rgb, size)
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{where}: not a readable image (neither PNG nor JPEG nor another format PIL reads)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...; bytes() a TypeError
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{where}: not a readable image ({detail})") from None

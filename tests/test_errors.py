@@ -220,10 +220,119 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid == "E35":  # the same pre-train again into the finished run's folder
         return c.argv(*PRE)
+    if cid in FORMAT_CASES:
+        return FORMAT_CASES[cid](c, monkeypatch)
     raise KeyError(cid)
 
 
-CASES = [f"E{i:02d}" for i in range(1, 36)]
+# ------------------------------------------------------------------ issue 11: the benchmark files (E36-E48)
+def _fake(c: Case, kind: str, per_class: int = 16, bench: str = "FC100") -> str:
+    from tests import format_fakes as F
+    data = F.make_images(classes=(6, 6, 6), per_class=per_class, size=16)
+    root = str(c.tmp / kind)
+    {"metaoptnet": lambda: F.write_metaoptnet(root, data, bench), "csv": lambda: F.write_csv(root, data),
+     "learn2learn": lambda: F.write_learn2learn(root, data), "tiered": lambda: F.write_tiered(root, data, "png")}[kind]()
+    return root
+
+
+def _edit_pickle(path: str, edit) -> None:
+    from tests.helpers import py2_pickle_dumps
+    from utils.safe_pickle import load_pickle
+    d = load_pickle(path)
+    edit(d)
+    with open(path, "wb") as f:
+        f.write(py2_pickle_dumps(d))
+
+
+def _e36(c, mp):
+    (c.tmp / "junk").mkdir()
+    (c.tmp / "junk" / "readme.txt").write_text("x\n")
+    return c.argv(*PRE, data=c.tmp / "junk")
+
+
+def _e37(c, mp):
+    from tests import format_fakes as F
+    return c.argv(*PRE, data=F.write_cifar100(str(c.tmp / "cifar"), per_class=(2, 1))[0])
+
+
+def _e38(c, mp):
+    root = _fake(c, "metaoptnet")
+    os.remove(os.path.join(root, "FC100_val.pickle"))
+    return c.argv(*PRE, data=root)
+
+
+def _e39(c, mp):
+    root = _fake(c, "metaoptnet")
+    _edit_pickle(os.path.join(root, "FC100_train.pickle"), lambda d: d.pop("labels"))
+    return c.argv(*PRE, data=root)
+
+
+def _e40(c, mp):
+    root = _fake(c, "metaoptnet")
+    _edit_pickle(os.path.join(root, "FC100_train.pickle"), lambda d: d["labels"].pop())
+    return c.argv(*PRE, data=root)
+
+
+def _e41(c, mp):
+    root = _fake(c, "csv")
+    os.remove(os.path.join(root, "images", sorted(os.listdir(os.path.join(root, "images")))[3]))
+    return c.argv(*PRE, data=root)
+
+
+def _e42(c, mp):
+    root = _fake(c, "csv")
+    (Path(root) / "train.csv").write_text("image,class\nn0.png,n0\n")
+    return c.argv(*PRE, data=root)
+
+
+def _e43(c, mp):
+    from tests import format_fakes as F
+    marker = c.tmp / "pwned"
+    root = _fake(c, "metaoptnet")
+    F.write_evil_metaoptnet(root, str(marker))
+    c.after = lambda: not marker.exists()
+    return c.argv(*PRE, data=root)
+
+
+def _e44(c, mp):
+    return c.argv(*PRE, data=_fake(c, "metaoptnet", per_class=10))
+
+
+def _e45(c, mp):
+    root = _fake(c, "tiered")
+    path = os.path.join(root, "train_images_png.pkl")
+    from tests.helpers import py2_pickle_dumps
+    from utils.safe_pickle import load_pickle
+    items = load_pickle(path)
+    items[50] = np.frombuffer(items[50].tobytes()[:40], dtype=np.uint8)  # a truncated PNG halfway through
+    Path(path).write_bytes(py2_pickle_dumps(items))
+    return c.argv(*PRE, data=root)
+
+
+def _e46(c, mp):
+    root = _fake(c, "learn2learn")
+    _edit_pickle(os.path.join(root, "mini-imagenet-cache-train.pkl"),
+                 lambda d: d["class_dict"][sorted(d["class_dict"])[2]].append(500))
+    return c.argv(*PRE, data=root)
+
+
+def _e47(c, mp):
+    root = _fake(c, "metaoptnet")
+    _fake(c, "metaoptnet", bench="CIFAR-FS")
+    return c.argv(*PRE, data=root)
+
+
+def _e48(c, mp):
+    root = _fake(c, "metaoptnet")
+    p = Path(root) / "FC100_train.pickle"
+    p.write_bytes(p.read_bytes()[:500])
+    return c.argv(*PRE, data=root)
+
+
+FORMAT_CASES = {"E36": _e36, "E37": _e37, "E38": _e38, "E39": _e39, "E40": _e40, "E41": _e41, "E42": _e42,
+                "E43": _e43, "E44": _e44, "E45": _e45, "E46": _e46, "E47": _e47, "E48": _e48}
+
+CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES)  # issue 11: E36-E48
 
 
 def test_every_row_of_the_catalogue_has_a_case():
