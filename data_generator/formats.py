@@ -395,7 +395,7 @@ def _npz_images_header(path: str) -> tuple[int, tuple[int, ...]]:
     return int(shape[0]), tuple(int(s) for s in shape)
 
 
-def _stream_npz(path: str, pos: np.ndarray, size: int, out: np.ndarray, block: int = 1024) -> None:
+def _stream_npz(path: str, pos: np.ndarray, size: int, out: np.ndarray, block: int = 128) -> None:
     """Copy ``images`` of the npz into ``out[pos[i]]``, ``block`` rows at a time (nothing else held)."""
     with zipfile.ZipFile(path) as z, z.open("images.npy") as f:
         shape, _, _ = _read_header(f)
