@@ -1,6 +1,8 @@
-"""One dataset split, fully decoded to uint8, from class folders or an ``.npz`` pack.
+"""One dataset split, fully decoded to uint8, from class folders or an ``.npz`` pack (and, through
+:mod:`data_generator.formats`, from the benchmark files of other few-shot code: ``"<dir>#<kind>:<benchmark>:<split>"``,
+which :func:`split_spec` writes when it detects them in a folder).
 
-Two kinds of *spec* name a split:
+Two kinds of *spec* are read here:
 
 * a folder ``<root>/<split>`` laid out as ``<root>/<split>/<class>/<image>`` (the official layout, reference section 8).
   Classes are sorted by name, so labels are stable across machines (the official code used unsorted

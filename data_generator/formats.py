@@ -14,7 +14,7 @@ kind                    files in ``--dataset_dir`` (per split ``s`` in train, va
 ``learn2learn``         ``mini-imagenet-cache-{train,validation,test}.pkl`` (``-val.pkl`` accepted): a dict with
                         ``image_data`` uint8 (N, 84, 84, 3) and ``class_dict`` (class name -> list of indices)
 ``tiered``              ``s_labels.pkl`` (a dict whose ``label_specific`` gives each image's class, and
-                        ``label_specific_str`` the class names) beside ``s_images_png.pkl`` (a list of PNG-encoded
+                        ``label_specific_str`` the class names; or, as MetaOptNet's loader reads it, ``labels``) beside ``s_images_png.pkl`` (a list of PNG-encoded
                         images) or ``s_images.npz`` (``images`` uint8 (N, 84, 84, 3))
 ``cifar100``            ``cifar-100-python/`` (or its content ``train``, ``test``, ``meta``): FC100 or CIFAR-FS,
                         chosen with ``--dataset``, with the published class splits (``splits/cifar100.json``)
@@ -413,7 +413,10 @@ def _stream_npz(path: str, pos: np.ndarray, size: int, out: np.ndarray, block: i
 def _read_tiered(root: str, bench: str, split: str, files: list[str], size: int, workers: int) -> Prepared:
     images_path, labels_path = files
     d = load_pickle(labels_path)
-    labels = _int_labels(_get(d, "label_specific", labels_path), labels_path, "label_specific")
+    # Ren et al.'s files: label_specific (+ label_specific_str); MetaOptNet's tiered loader reads 'labels'
+    key = "labels" if isinstance(d, dict) and ("labels" in d or b"labels" in d) and not (
+        "label_specific" in d or b"label_specific" in d) else "label_specific"
+    labels = _int_labels(_get(d, key, labels_path), labels_path, key)
     names = _numbered(labels)
     strs = None
     for k in ("label_specific_str", b"label_specific_str"):
@@ -428,16 +431,16 @@ def _read_tiered(root: str, bench: str, split: str, files: list[str], size: int,
 
     if images_path.endswith(".npz"):
         n_img, _ = _npz_images_header(images_path)
-        _same_length(n_img, n, labels_path, f"{os.path.basename(images_path)} 'images'", "'label_specific'")
+        _same_length(n_img, n, labels_path, f"{os.path.basename(images_path)} 'images'", f"'{key}'")
         return Prepared(classes, out_labels, lambda out: _stream_npz(images_path, pos, size, out))
 
     def fill(out: np.ndarray) -> None:
         def put(i: int, blob: Any) -> None:
             if i >= n:
-                raise UserError(f"{labels_path}: 'label_specific' has {n} entries but {images_path} has more images")
+                raise UserError(f"{labels_path}: '{key}' has {n} entries but {images_path} has more images")
             out[pos[i]] = _decode_bytes(blob, size, f"{images_path} image {i}")
         count = stream_pickle_list(images_path, put)
-        _same_length(count, n, labels_path, os.path.basename(images_path), "'label_specific'")
+        _same_length(count, n, labels_path, os.path.basename(images_path), f"'{key}'")
     return Prepared(classes, out_labels, fill)
 
 

@@ -286,3 +286,19 @@ def test_main_runs_on_each_format(fmt, same_images, cifar, tmp_path, capsys):
     assert ck["num_classes"] == n_train  # read from the data
     res = json.load(open(os.path.join(logs, "meta", f"{dataset}_conv4_5way1shot_exp1", "results.json")))
     assert res["episodes"] == 20 and 0.0 <= res["mean"] <= 100.0
+
+
+def test_tiered_labels_as_metaoptnet_reads_them(same_images, tmp_path):
+    """MetaOptNet's data/tiered_imagenet.py reads the labels pickle's 'labels' (a list), not 'label_specific'."""
+    import shutil
+    data, roots = same_images
+    root = str(tmp_path / "tiered")
+    shutil.copytree(roots["tiered-npz"], root)
+    path = os.path.join(root, "test_labels.pkl")
+    d = load_pickle(path)
+    with open(path, "wb") as f:
+        f.write(py2_pickle_dumps({"labels": [int(v) for v in d["label_specific"]]}))
+    ref = _load(roots["folders"], "test", 84)
+    got = _load(root, "test", 84)
+    assert np.array_equal(got.images, ref.images) and np.array_equal(got.labels, ref.labels)
+    assert got.class_names == ["000", "001", "002", "003", "004"]  # no names in that file: the label numbers
