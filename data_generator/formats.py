@@ -527,12 +527,6 @@ def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | N
         if bench not in allowed:
             raise UserError(f"dataset spec {spec}: benchmark must be one of {', '.join(allowed)} for {kind}")
     files = split_files(root, kind, bench, split)
-    if kind == "csv":  # every image listed is part of the key (a replaced image gives a new entry)
-        rows = _csv_images(files[0], root)
-        key_files = files + rows
-    else:
-        key_files = files
-    rel = [os.path.relpath(p, root) for p in key_files]
 
     def prepare() -> Prepared:
         return READERS[kind](root, bench, split, files, stored_size, num_workers)
@@ -544,6 +538,9 @@ def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | N
         p.fill(images)
         return ImageSet(images, p.labels, p.class_names, spec, p.files)
 
+    # every image a csv lists is part of the key (a replaced image gives a new entry)
+    key_files = files + _csv_images(files[0], root) if kind == "csv" else files
+    rel = [os.path.relpath(p, root) for p in key_files]
     key = _key(kind, bench, split, stored_size, root, key_files)
     hit = lookup_cache(cache_dir, key, stored_size, rel)
     if hit is not None:
