@@ -286,9 +286,15 @@ def _fill_from_array(data: np.ndarray, order: np.ndarray, size: int) -> Callable
 
 
 def _decode_bytes(blob: Any, size: int, where: str) -> np.ndarray:
-    """PNG/JPEG bytes (bytes, or a uint8 1-D array as ``cv2.imencode`` gives) -> uint8 (size, size, 3) RGB."""
+    """PNG/JPEG bytes -> uint8 (size, size, 3) RGB. ``blob``: a uint8 1-D array (what ``cv2.imencode`` gives),
+    bytes, or a str (a Python 2 byte string read with ``encoding="latin1"``)."""
     try:
-        raw = blob.tobytes() if isinstance(blob, np.ndarray) else bytes(blob)
+        if isinstance(blob, np.ndarray):
+            raw = blob.tobytes()
+        elif isinstance(blob, str):
+            raw = blob.encode("latin1")
+        else:
+            raw = bytes(blob)
         with Image.open(io.BytesIO(raw)) as im:
             rgb = im.convert("RGB")
         return fit_square(rgb, size)

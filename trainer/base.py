@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
+from data_generator.formats import detect_formats
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -59,10 +60,12 @@ class DataBundle:
         d = self.settings
         explicit = {"pre_train": d.pre_train_dir, "meta_train": d.meta_train_dir, "val": d.meta_val_dir,
                     "test": d.meta_test_dir}[role]
+        split = {"pre_train": "train", "meta_train": "train", "val": "val", "test": "test"}[role]
         if explicit:
+            if os.path.isdir(explicit) and detect_formats(explicit):  # e.g. --meta_test_dir at FC100 pickles
+                return split_spec(explicit, split, d.dataset)
             return explicit
-        return split_spec(d.dataset_dir, {"pre_train": "train", "meta_train": "train", "val": "val",
-                                          "test": "test"}[role], d.dataset)
+        return split_spec(d.dataset_dir, split, d.dataset)
 
     def load(self, role: str) -> ImageSet:
         spec = self.spec(role)

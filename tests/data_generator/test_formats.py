@@ -302,3 +302,33 @@ def test_tiered_labels_as_metaoptnet_reads_them(same_images, tmp_path):
     got = _load(root, "test", 84)
     assert np.array_equal(got.images, ref.images) and np.array_equal(got.labels, ref.labels)
     assert got.class_names == ["000", "001", "002", "003", "004"]  # no names in that file: the label numbers
+
+
+def test_tiered_png_list_of_python2_byte_strings(same_images, tmp_path):
+    """A PNG list pickled as Python 2 ``str`` items (not arrays) reads the same: latin1 gives back the bytes."""
+    data, roots = same_images
+    root = str(tmp_path / "tiered")
+    import shutil
+    shutil.copytree(roots["tiered-png"], root)
+    path = os.path.join(root, "val_images_png.pkl")
+    items = [bytes(x.tobytes()) for x in load_pickle(path)]
+    with open(path, "wb") as f:
+        f.write(py2_pickle_dumps(items))  # each item a BINSTRING, as Python 2 wrote str
+    assert isinstance(load_pickle(path)[0], str)
+    ref = _load(roots["folders"], "val", 92)
+    got = _load(root, "val", 92)
+    assert np.array_equal(np.asarray(got.images), ref.images) and np.array_equal(got.labels, ref.labels)
+
+
+def test_role_folder_flags_accept_benchmark_files(same_images, tmp_path):
+    """--meta_test_dir (and the other role flags) may point at benchmark files too: the role's split is read."""
+    from trainer.base import DataBundle
+    from utils.settings import DataSettings
+    _, roots = same_images
+    d = DataSettings(roots["folders"], 16, "paper", False, None, meta_test_dir=roots["learn2learn"],
+                     meta_val_dir=os.path.join(roots["folders"], "val"), dataset="miniImageNet")
+    bundle = DataBundle(d)
+    assert bundle.spec("test") == f"{roots['learn2learn']}#learn2learn:miniImageNet:test"
+    assert bundle.spec("val") == os.path.join(roots["folders"], "val")
+    assert bundle.spec("pre_train") == os.path.join(roots["folders"], "train")
+    assert np.array_equal(np.asarray(bundle.load("test").images), _load(roots["folders"], "test", 16).images)
