@@ -27,7 +27,7 @@ from tests.helpers import make_folders, make_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ERRORS.md"
-SUBPROCESS = ("E01", "E11", "E16")
+SUBPROCESS = ("E01", "E11", "E16", "E43")
 
 COMMON = ["--dataset", "custom", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper",
           "--num_val_episodes", "10", "--num_test_episodes", "10", "--seed", "1", "--quiet", "--device", "cpu",
@@ -380,6 +380,7 @@ def test_bad_input(cid, world, tmp_path, capsys, monkeypatch):
 def test_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
     """The same rows through ``python main.py``: stderr holds the one error line and nothing else."""
     c = Case(world, tmp_path)
+    c.after = lambda: True
     argv = case_argv(cid, c, monkeypatch)
     before = tree_hashes(c.logs)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -387,6 +388,7 @@ def test_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=120)
     check_output(cid, p.returncode, p.stderr)
     assert tree_hashes(c.logs) == before
+    assert c.after()  # E43: the command in the pickle did not run
 
 
 def test_every_checkpoint_load_is_weights_only():
