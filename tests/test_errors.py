@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import main
-from tests.helpers import make_folders, make_npz
+from tests.helpers import make_folders, make_npz, py2_object_npy
+from tests.tf_files import SLIM, official_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ERRORS.md"
@@ -220,10 +221,53 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid == "E35":  # the same pre-train again into the finished run's folder
         return c.argv(*PRE)
+    if cid in TF_ROWS:
+        return tf_case_argv(cid, c, monkeypatch)
     raise KeyError(cid)
 
 
-CASES = [f"E{i:02d}" for i in range(1, 36)]
+TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
+TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
+
+
+def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
+    """E50-E59: the official TensorFlow .npy weights (models/tf_weights.py), as --eval_weights / --init_weights."""
+    dl = c.tmp / "download_weights"
+    if cid == "E50":  # a TF folder without weights.npy
+        os.makedirs(dl)
+        return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
+    w, s, fc = official_files(str(dl), widths=SLIM)
+    if cid == "E51":  # a missing key
+        w.pop("block3_conv2")
+        py2_object_npy(str(dl / "weights.npy"), w)
+    if cid == "E52":  # an unexpected key
+        s["block5_conv1"] = np.zeros((1, 1, 256, 256), np.float32)
+        py2_object_npy(str(dl / "ss_weights.npy"), s)
+    if cid == "E53":  # a mis-shaped key
+        w["block1_conv1"] = np.zeros((3, 3, 3, 9), np.float32)
+        py2_object_npy(str(dl / "weights.npy"), w)
+    if cid == "E54":  # ss_weights.npy without fc_weights.npy
+        os.unlink(dl / "fc_weights.npy")
+    if cid == "E55":  # a weights.npy whose pickle would run code
+        marker = c.tmp / "pwned"
+        monkeypatch.setenv("MTL_EVIL_MARKER", str(marker))
+        w["block1_bias1"] = _Evil()
+        arr = np.empty((), dtype=object)
+        arr[()] = w
+        np.save(dl / "weights.npy", arr, allow_pickle=True)
+        c.after = lambda: not marker.exists()
+    if cid == "E56":  # TF weights without --bn_mode tf
+        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--eval_weights", str(dl))
+    if cid == "E57":  # TF weights for another backbone
+        return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(dl))
+    if cid == "E58":  # our checkpoint, trained with the other --bn_mode
+        return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"))
+    if cid == "E59":  # --init_weights names TF weights that are not there
+        return c.argv(*META, *TF, "--init_weights", str(c.tmp / "nowhere" / "weights.npy"))
+    return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
+
+
+CASES = [f"E{i:02d}" for i in range(1, 36)] + TF_ROWS
 
 
 def test_every_row_of_the_catalogue_has_a_case():
