@@ -79,9 +79,10 @@ META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained mod
 TF_WEIGHTS_FILE = "weights.npy"  # present in DOWNLOAD_DIR: META_LOAD / TEST_LOAD read the official TF files there
 TF_PROTOCOL = False              # the TF BatchNorm and test protocol in every phase (TF_FLAGS); META_LOAD / TEST_LOAD
                                  # of TensorFlow weights switch it on by themselves
-# The TF code's semantics: its BatchNorm (batch statistics at train and test, no scale/shift), each support image
-# and its flip in the meta-test support set, and `shot` queries per class at meta-test (reference sections 2.2, 6.2).
-TF_FLAGS = ["--bn_mode", "tf", "--test_flip_support", "--test_query", "shot"]
+# The TF code's semantics: its BatchNorm (batch statistics at train and test, no scale/shift), no SS on the 1x1
+# shortcuts, each support image and its flip in the meta-test support set, and `shot` queries per class at
+# meta-test (reference sections 2.2, 3.2, 6.2).
+TF_FLAGS = ["--bn_mode", "tf", "--shortcut_ss", "off", "--test_flip_support", "--test_query", "shot"]
 
 # DEMO: the same code path, sized for 2 CPU cores and the embedded glyph pack (data/glyphs100.npz).
 DEMO = {

@@ -224,15 +224,23 @@ class MetaLearner(nn.Module):
     sqrt(2), as the official ``fc1_w``), b = 0. State-dict keys ``encoder.*``, ``base_learner.*`` (ours and, through
     ``utils.checkpoint.read_weights``, the official PyTorch meta checkpoints load unchanged). ``bn_mode``: the
     encoder's BatchNorm semantics (:func:`models.bn_mode.apply_bn_mode`; ``tf`` = the TF code's batch-statistics
-    BatchNorm, no BN parameters, and a conv bias with an SS shift on every 3x3 conv of a ResNet-12 block)."""
+    BatchNorm, no BN parameters, and a conv bias with an SS shift on every 3x3 conv of a ResNet-12 block).
+    ``shortcut_ss=False`` freezes the SS parameters of the 1x1 shortcut convs (``shortcut``, ``downsample.0``) at
+    Phi_S1 = 1, Phi_S2 = 0, as the TF code, which gives the shortcut no SS (reference section 3.2)."""
 
-    def __init__(self, backbone: str, way: int = 5, bn_mode: str = "pytorch") -> None:
+    def __init__(self, backbone: str, way: int = 5, bn_mode: str = "pytorch", shortcut_ss: bool = True) -> None:
         super().__init__()
         if way < 2:
             raise ValueError(f"way must be >= 2, got {way}")
         self.way = way
         self.bn_mode = bn_mode
         self.encoder = apply_bn_mode(build_backbone(backbone, mtl=True, dropout_keep=1.0), bn_mode)
+        if not shortcut_ss:
+            for name, m in self.encoder.named_modules():
+                if isinstance(m, Conv2dMtl) and (name.endswith("shortcut") or name.endswith("downsample.0")):
+                    for p in (m.mtl_weight, m.mtl_bias):
+                        if p is not None:
+                            p.requires_grad_(False)
         self.base_learner = nn.Linear(self.encoder.out_dim, way)
         nn.init.kaiming_normal_(self.base_learner.weight)
         nn.init.zeros_(self.base_learner.bias)

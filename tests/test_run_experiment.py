@@ -92,7 +92,7 @@ def test_tf_protocol_sets_the_tf_flags_in_every_phase(monkeypatch):
     monkeypatch.setattr(rx, "SHOT_NUM", 5)
     for mode in ("PRE", "META"):
         for a in (parse_args(c[2:]) for c in rx.commands(mode)):
-            assert (a.bn_mode, a.test_flip_support, a.test_query) == ("tf", True, 5)
+            assert (a.bn_mode, a.shortcut_ss, a.test_flip_support, a.test_query) == ("tf", "off", True, 5)
 
 
 def test_load_modes_read_tf_weights_when_the_download_folder_holds_them(monkeypatch, tmp_path):

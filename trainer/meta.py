@@ -78,7 +78,8 @@ class MetaTrainer(BaseTrainer):
         self.val_set = self.data.load("val")
         check_episode_fit(self.train_set, a.way, a.shot + a.train_query, "meta-train")
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.meta_val)
-        self.model = MetaLearner(a.backbone, way=a.way, bn_mode=a.bn_mode).to(self.device)
+        self.model = MetaLearner(a.backbone, way=a.way, bn_mode=a.bn_mode,
+                                 shortcut_ss=a.shortcut_ss == "on").to(self.device)
         self.load_pretrained()
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--meta_lr_min", type=float, default=0.0, help="floor of meta_lr1 (meta_lr2 floored in proportion)")
     a("--second_order", action="store_true", help="differentiate through the inner loop")
     a("--first_order", dest="second_order", action="store_false", help="official first-order update")
+    a("--shortcut_ss", default="on", choices=["on", "off"],
+      help="SS on the 1x1 shortcut convs: on (official PyTorch: every conv) or off (TF: the shortcut has none)")
     a("--inner_loss", default="mean", choices=["mean", "sum"],
       help="inner-loop loss: mean CE (official PyTorch) or sum CE / shot (TF; = way x mean)")
     flex(a("--test_update_step", type=positive_int, default=None, help="inner steps at meta-test (default update_step)"))

@@ -85,6 +85,15 @@ def test_apply_bn_mode_swaps_every_batchnorm_and_adds_the_tf_conv_biases():
     assert apply_bn_mode(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "pytorch")[1].affine
 
 
+def test_shortcut_ss_off_freezes_the_shortcut_scaling_as_tf():
+    on, off = MetaLearner("resnet12_slim", bn_mode="tf"), MetaLearner("resnet12_slim", bn_mode="tf", shortcut_ss=False)
+    assert len(on.meta_parameters()[0]) - len(off.meta_parameters()[0]) == 4
+    assert not any(getattr(off.encoder, f"layer{k}").shortcut.mtl_weight.requires_grad for k in range(1, 5))
+    r25 = MetaLearner("resnet25", shortcut_ss=False)
+    assert not r25.encoder.layer1[0].downsample[0].mtl_weight.requires_grad
+    assert r25.encoder.layer1[0].conv1.mtl_weight.requires_grad
+
+
 def test_the_feature_bank_refuses_a_batch_dependent_encoder():
     enc = MetaLearner("resnet12_slim", bn_mode="tf").encoder
     imgs = ImageSet(np.zeros((10, 16, 16, 3), np.uint8), np.repeat(np.arange(5), 2), [str(i) for i in range(5)], "toy")
@@ -202,7 +211,7 @@ def test_a_pytorch_batchnorm_checkpoint_does_not_export(tf_run, tmp_path, capsys
 def test_meta_train_starts_from_tf_weights_npy(tf_run, tmp_path, capsys):
     official_files(str(tmp_path / "dl"), widths=SLIM, seed=1)
     argv = tf_run["argv"] + ["--phase", "meta_train", "--max_epoch", "1", "--num_batch", "1", "--train_query", "3",
-                             "--meta_label", "fromtf", "--init_weights", str(tmp_path / "dl")]
+                             "--meta_label", "fromtf", "--init_weights", str(tmp_path / "dl"), "--shortcut_ss", "off"]
     assert main.cli(argv) == 0
     assert "meta-train starts from" in capsys.readouterr().out
     ck = torch.load(tf_run["base"] / "logs/meta/custom_resnet12_slim_5way1shot_fromtf/last.pth", weights_only=True)
@@ -210,6 +219,9 @@ def test_meta_train_starts_from_tf_weights_npy(tf_run, tmp_path, capsys):
     w = load_object_npy(str(tmp_path / "dl" / "weights.npy"))
     # the pre-trained conv weights are frozen: still the file's, after an outer update
     assert torch.equal(ck["encoder"]["layer3.conv2.weight"], torch.from_numpy(w["block3_conv2"]).permute(3, 2, 0, 1))
+    # the SS scaling moved by the outer update, the shortcut's did not (--shortcut_ss off, as TF)
+    assert not torch.equal(ck["encoder"]["layer3.conv2.mtl_weight"], torch.ones(128, 128, 1, 1))
+    assert torch.equal(ck["encoder"]["layer3.shortcut.mtl_weight"], torch.ones(128, 64, 1, 1))
 
 
 # ------------------------------------------------------------------ run_experiment.py META_LOAD / TEST_LOAD
@@ -241,7 +253,7 @@ def test_test_load_meta_tests_downloaded_tf_weights(monkeypatch, tmp_path, capfd
     dl = _rx_setup(monkeypatch, tmp_path)
     official_files(dl, widths=SLIM, seed=2)
     cmd = rx.commands("TEST_LOAD")[0]
-    for flag in ("--bn_mode", "--test_flip_support", "--test_query", "--eval_weights"):
+    for flag in ("--bn_mode", "--shortcut_ss", "--test_flip_support", "--test_query", "--eval_weights"):
         assert flag in cmd
     rc, cap = _run_rx("TEST_LOAD", monkeypatch, capfd)
     assert rc == 0, cap.err
