@@ -4,7 +4,7 @@
 ``eval()``; the official PyTorch code, reference section 3.1).
 
 ``tf``: the official TF ResNet-12 conv block, ``conv2d(x, W, 'SAME') + bias -> batch_norm -> activation``
-(``tensorflow/utils/misc.py`` ``resnet_conv_block`` L220-242, ``normalize`` L258-276) with
+(``tensorflow/utils/misc.py`` ``resnet_conv_block`` L217-241, ``normalize`` L257-276) with
 ``tf.contrib.layers.batch_norm``'s defaults as the TF code calls it: no scale (``scale=False``), a shift that is never
 trained (no optimizer's ``var_list`` holds it, so it stays 0), ``epsilon=1e-3``, and ``is_training=True`` always, i.e.
 **batch statistics at train and at test time** (the moving averages are never used). So every BatchNorm becomes

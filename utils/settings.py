@@ -23,7 +23,7 @@ def inner_loss_scale(inner_loss: str, way: int, support_copies: int = 1) -> floa
     """``mean``: mean CE over the support (official PyTorch). ``sum``: TF's per-sample CE / shot summed over the
     support (``tensorflow/utils/misc.py xent``), i.e. ``way`` times the mean; with the flipped support
     (``--test_flip_support``, ``support_copies = 2``) the TF sum runs over twice the images, still divided by shot
-    (``xent`` divides by ``FLAGS.shot_num``), i.e. ``2 * way`` times the mean."""
+    (``xent`` divides by ``FLAGS.shot_num``, ``tensorflow/utils/misc.py`` L302-311), i.e. ``2 * way`` times the mean."""
     if inner_loss not in ("mean", "sum"):
         raise ValueError(f"inner_loss must be 'mean' or 'sum', got {inner_loss!r}")
     return float(way * support_copies) if inner_loss == "sum" else 1.0

@@ -2,9 +2,9 @@
 
 The reference forward below is written from the TF graph's description (``tensorflow/models/resnet12.py``
 ``block_forward`` / ``forward_resnet``, ``tensorflow/utils/misc.py`` ``resnet_conv_block`` / ``normalize``) with plain
-tensor ops on the TF layouts (NHWC activations, HWIO kernels): none of the project's modules is used. It runs in float64;
-the project runs in float32, so the two agree to float32 rounding (``1e-5`` as the issue asks; the measured gap is
-printed).
+tensor ops on the TF layouts (NHWC activations, HWIO kernels): none of the project's modules is used. It runs in
+float64; the project runs in float32, so the two agree to float32 rounding (``1e-5`` as the issue asks; the measured
+gap is printed).
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def _write(folder, name, obj):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda w, s, fc: w.pop("block3_conv2"), "weights.npy: missing key block3_conv2"),
-    (lambda w, s, fc: w.__setitem__("block5_conv1", np.zeros(3, np.float32)), "weights.npy: unexpected key block5_conv1"),
+    (lambda w, s, fc: w.__setitem__("block5_conv1", np.zeros(3, np.float32)),
+     "weights.npy: unexpected key block5_conv1"),
     (lambda w, s, fc: w.__setitem__("block1_conv1", np.zeros((3, 3, 3, 9), np.float32)),
      "weights.npy: key block1_conv1 has shape (3, 3, 3, 9), the model needs (3, 3, 3, 32)"),
     (lambda w, s, fc: s.__setitem__("block2_bias1", np.zeros(15, np.float32)),
