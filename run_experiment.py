@@ -3,8 +3,10 @@
     python run_experiment.py PRE         pre-train the backbone
     python run_experiment.py META        meta-train, then meta-test the kept checkpoint
     python run_experiment.py TEST        meta-test a meta-trained model
-    python run_experiment.py META_LOAD   meta-train from weights in <LOG_DIR>/download_weights/
-    python run_experiment.py TEST_LOAD   meta-test weights in <LOG_DIR>/download_weights/
+    python run_experiment.py META_LOAD   meta-train from weights in <LOG_DIR>/download_weights/ (the official
+                                         TensorFlow weights.npy, or our / the official PyTorch pretrain.pth)
+    python run_experiment.py TEST_LOAD   meta-test weights in <LOG_DIR>/download_weights/ (weights.npy,
+                                         ss_weights.npy, fc_weights.npy, or meta_<SHOT>shot.pth)
     python run_experiment.py DEMO        the whole pipeline on the embedded glyph data, CPU-sized (< 5 min)
     python run_experiment.py BENCH       the speed benchmark, python -m tools.benchmark (<LOG_DIR>/bench/benchmark.json)
     python run_experiment.py ABLATION    the ablation on the glyph benchmark (built by python -m tools.glyphs), then
@@ -74,6 +76,13 @@ META_LABEL = "exp1"            # label of the meta-train run
 DOWNLOAD_DIR = os.path.join(LOG_DIR, "download_weights")  # META_LOAD / TEST_LOAD read weights from here
 PRE_WEIGHTS_FILE = "pretrain.pth"                           # a pre-trained encoder (ours or official PyTorch)
 META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained model (ours or official PyTorch)
+TF_WEIGHTS_FILE = "weights.npy"  # present in DOWNLOAD_DIR: META_LOAD / TEST_LOAD read the official TF files there
+TF_PROTOCOL = False              # the TF BatchNorm and test protocol in every phase (TF_FLAGS); META_LOAD / TEST_LOAD
+                                 # of TensorFlow weights switch it on by themselves
+# The TF code's semantics: its BatchNorm (batch statistics at train and test, no scale/shift), no SS on the 1x1
+# shortcuts, each support image and its flip in the meta-test support set, and `shot` queries per class at
+# meta-test (reference sections 2.2, 3.2, 6.2).
+TF_FLAGS = ["--bn_mode", "tf", "--shortcut_ss", "off", "--test_flip_support", "--test_query", "shot"]
 
 # DEMO: the same code path, sized for 2 CPU cores and the embedded glyph pack (data/glyphs100.npz).
 DEMO = {
@@ -155,7 +164,23 @@ def common_flags(recipe: str) -> list[str]:
               "--inner_loss", INNER_LOSS, "--second_order" if SECOND_ORDER else "--first_order"]
     if HARD_TASK:
         f.append("--hard_task")
+    if TF_PROTOCOL:
+        f += TF_FLAGS
     return [str(x) for x in f]
+
+
+def downloaded_tf() -> bool:
+    """True when DOWNLOAD_DIR holds the official TensorFlow weights (``weights.npy``)."""
+    return os.path.isfile(os.path.join(DOWNLOAD_DIR, TF_WEIGHTS_FILE))
+
+
+def check_download(mode: str) -> None:
+    """META_LOAD / TEST_LOAD: one line and exit 2 when DOWNLOAD_DIR holds none of the files they read."""
+    pth = PRE_WEIGHTS_FILE if mode == "META_LOAD" else META_WEIGHTS_FILE.format(shot=SHOT_NUM)
+    if not downloaded_tf() and not os.path.isfile(os.path.join(DOWNLOAD_DIR, pth)):
+        print(f"error: {DOWNLOAD_DIR} holds neither the TensorFlow {TF_WEIGHTS_FILE} (with ss_weights.npy and "
+              f"fc_weights.npy for TEST_LOAD) nor {pth}: download the weights into it", file=sys.stderr)
+        sys.exit(2)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -180,12 +205,16 @@ def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
         return [main_cmd("meta_train", f, resume), main_cmd("meta_eval", f)]
     if mode == "TEST":
         return [main_cmd("meta_eval", f)]
+    tf = mode in ("META_LOAD", "TEST_LOAD") and downloaded_tf()
+    if tf and not TF_PROTOCOL:
+        f = f + TF_FLAGS  # TensorFlow weights are evaluated as the authors did (models/tf_weights.py)
     if mode == "META_LOAD":
-        init = os.path.join(DOWNLOAD_DIR, PRE_WEIGHTS_FILE)
+        # TF: meta-train from weights.npy (the pre-trained encoder; fresh SS and base learner), as the TF META_LOAD
+        init = DOWNLOAD_DIR if tf else os.path.join(DOWNLOAD_DIR, PRE_WEIGHTS_FILE)
         return [main_cmd("meta_train", f, ["--init_weights", init] + resume), main_cmd("meta_eval", f)]
     if mode == "TEST_LOAD":
-        return [main_cmd("meta_eval", f, ["--eval_weights",
-                                          os.path.join(DOWNLOAD_DIR, META_WEIGHTS_FILE.format(shot=SHOT_NUM))])]
+        weights = DOWNLOAD_DIR if tf else os.path.join(DOWNLOAD_DIR, META_WEIGHTS_FILE.format(shot=SHOT_NUM))
+        return [main_cmd("meta_eval", f, ["--eval_weights", weights])]
     raise ValueError(mode)
 
 
@@ -369,6 +398,8 @@ def cli(argv: list[str]) -> None:
             cmd.append("--full")
         run(cmd, dry)
     else:
+        if mode in ("META_LOAD", "TEST_LOAD") and not dry:
+            check_download(mode)
         for cmd in commands(mode, recipe):
             run(cmd, dry)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bn_mode import apply_bn_mode
 from .conv2d_mtl import Conv2dMtl
 from .resnet_mtl import build_backbone
 
@@ -184,13 +185,15 @@ class PreLearner(nn.Module):
     """The pre-train model (paper Sec. 4.1): ``encoder`` = plain backbone (trainable convs, optional dropout) and
     ``pre_fc`` over ``num_classes``: ``pre_head="mlp"`` = Linear(D, 1000) -> ReLU -> Linear(1000, C) (official PT,
     keys ``pre_fc.0``/``pre_fc.2``), ``"linear"`` = Linear(D, C) with xavier-uniform W and zero b (official TF).
-    State-dict keys ``encoder.*``, ``pre_fc.*``."""
+    State-dict keys ``encoder.*``, ``pre_fc.*``. ``bn_mode``: the encoder's BatchNorm semantics
+    (:func:`models.bn_mode.apply_bn_mode`; ``tf`` = the TF code's batch-statistics BatchNorm and conv biases)."""
 
-    def __init__(self, backbone: str, num_classes: int, pre_head: str = "mlp", dropout_keep: float = 1.0) -> None:
+    def __init__(self, backbone: str, num_classes: int, pre_head: str = "mlp", dropout_keep: float = 1.0,
+                 bn_mode: str = "pytorch") -> None:
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"the pre-train model needs num_classes > 0, got {num_classes}")
-        self.encoder = build_backbone(backbone, mtl=False, dropout_keep=dropout_keep)
+        self.encoder = apply_bn_mode(build_backbone(backbone, mtl=False, dropout_keep=dropout_keep), bn_mode)
         d = self.encoder.out_dim
         if pre_head == "mlp":
             self.pre_fc = nn.Sequential(nn.Linear(d, 1000), nn.ReLU(), nn.Linear(1000, num_classes))
@@ -219,14 +222,25 @@ class MetaLearner(nn.Module):
     """The meta model (paper Sec. 4.2): ``encoder`` = the backbone with SS convs (Eq. 6; frozen W, b; trainable Phi
     and BN affine; no dropout) and ``base_learner`` = Linear(D, way), theta, W ~ kaiming_normal_ (fan_in, gain
     sqrt(2), as the official ``fc1_w``), b = 0. State-dict keys ``encoder.*``, ``base_learner.*`` (ours and, through
-    ``utils.checkpoint.read_weights``, the official PyTorch meta checkpoints load unchanged)."""
+    ``utils.checkpoint.read_weights``, the official PyTorch meta checkpoints load unchanged). ``bn_mode``: the
+    encoder's BatchNorm semantics (:func:`models.bn_mode.apply_bn_mode`; ``tf`` = the TF code's batch-statistics
+    BatchNorm, no BN parameters, and a conv bias with an SS shift on every 3x3 conv of a ResNet-12 block).
+    ``shortcut_ss=False`` freezes the SS parameters of the 1x1 shortcut convs (``shortcut``, ``downsample.0``) at
+    Phi_S1 = 1, Phi_S2 = 0, as the TF code, which gives the shortcut no SS (reference section 3.2)."""
 
-    def __init__(self, backbone: str, way: int = 5) -> None:
+    def __init__(self, backbone: str, way: int = 5, bn_mode: str = "pytorch", shortcut_ss: bool = True) -> None:
         super().__init__()
         if way < 2:
             raise ValueError(f"way must be >= 2, got {way}")
         self.way = way
-        self.encoder = build_backbone(backbone, mtl=True, dropout_keep=1.0)
+        self.bn_mode = bn_mode
+        self.encoder = apply_bn_mode(build_backbone(backbone, mtl=True, dropout_keep=1.0), bn_mode)
+        if not shortcut_ss:
+            for name, m in self.encoder.named_modules():
+                if isinstance(m, Conv2dMtl) and (name.endswith("shortcut") or name.endswith("downsample.0")):
+                    for p in (m.mtl_weight, m.mtl_bias):
+                        if p is not None:
+                            p.requires_grad_(False)
         self.base_learner = nn.Linear(self.encoder.out_dim, way)
         nn.init.kaiming_normal_(self.base_learner.weight)
         nn.init.zeros_(self.base_learner.bias)

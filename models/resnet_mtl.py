@@ -11,7 +11,8 @@ Backbones (reference §2):
   3 x [conv3x3 -> BN -> LeakyReLU(0.1)] + conv1x1 shortcut without BN, summed with no activation after the sum,
   then MaxPool2d(2) and Dropout(1 - keep) (pre-train only). 84 px -> 5x5 final map -> 512-d.
   Deviations from TF: convs have no bias (BN follows each one, so a bias is redundant), and BN is a standard
-  PyTorch BatchNorm2d with affine parameters and running statistics.
+  PyTorch BatchNorm2d with affine parameters and running statistics (``--bn_mode tf``, ``models/bn_mode.py``,
+  gives the TF BatchNorm and the conv biases back).
 * ``resnet12_wide``: 64-160-320-640. ``resnet12_slim``: 32-64-128-256 (CPU demo size).
 * ``resnet25``: the official PyTorch ``ResNetMtl`` (layers [4, 4, 4], 80-160-320-640) with the official state-dict
   key names (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}``), so official

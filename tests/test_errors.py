@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import main
-from tests.helpers import make_folders, make_npz
+from tests.helpers import make_folders, make_npz, py2_object_npy
+from tests.tf_files import SLIM, official_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ERRORS.md"
@@ -222,6 +223,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
+    if cid in TF_ROWS:
+        return tf_case_argv(cid, c, monkeypatch)
     raise KeyError(cid)
 
 
@@ -332,7 +335,50 @@ def _e48(c, mp):
 FORMAT_CASES = {"E36": _e36, "E37": _e37, "E38": _e38, "E39": _e39, "E40": _e40, "E41": _e41, "E42": _e42,
                 "E43": _e43, "E44": _e44, "E45": _e45, "E46": _e46, "E47": _e47, "E48": _e48}
 
-CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES)  # issue 11: E36-E48
+
+
+TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
+TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
+
+
+def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
+    """E50-E59: the official TensorFlow .npy weights (models/tf_weights.py), as --eval_weights / --init_weights."""
+    dl = c.tmp / "download_weights"
+    if cid == "E50":  # a TF folder without weights.npy
+        os.makedirs(dl)
+        return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
+    w, s, fc = official_files(str(dl), widths=SLIM)
+    if cid == "E51":  # a missing key
+        w.pop("block3_conv2")
+        py2_object_npy(str(dl / "weights.npy"), w)
+    if cid == "E52":  # an unexpected key
+        s["block5_conv1"] = np.zeros((1, 1, 256, 256), np.float32)
+        py2_object_npy(str(dl / "ss_weights.npy"), s)
+    if cid == "E53":  # a mis-shaped key
+        w["block1_conv1"] = np.zeros((3, 3, 3, 9), np.float32)
+        py2_object_npy(str(dl / "weights.npy"), w)
+    if cid == "E54":  # ss_weights.npy without fc_weights.npy
+        os.unlink(dl / "fc_weights.npy")
+    if cid == "E55":  # a weights.npy whose pickle would run code
+        marker = c.tmp / "pwned"
+        monkeypatch.setenv("MTL_EVIL_MARKER", str(marker))
+        w["block1_bias1"] = _Evil()
+        arr = np.empty((), dtype=object)
+        arr[()] = w
+        np.save(dl / "weights.npy", arr, allow_pickle=True)
+        c.after = lambda: not marker.exists()
+    if cid == "E56":  # TF weights without --bn_mode tf
+        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--eval_weights", str(dl))
+    if cid == "E57":  # TF weights for another backbone
+        return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(dl))
+    if cid == "E58":  # our checkpoint, trained with the other --bn_mode
+        return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"))
+    if cid == "E59":  # --init_weights names TF weights that are not there
+        return c.argv(*META, *TF, "--init_weights", str(c.tmp / "nowhere" / "weights.npy"))
+    return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
+
+
+CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS  # issue 11: E36-E48, issue 12: E50-E59
 
 
 def test_every_row_of_the_catalogue_has_a_case():

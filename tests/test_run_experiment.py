@@ -57,6 +57,7 @@ CASES = {
     "DEVICE": ("cpu", "device", "cpu"),
     "DATASET": ("FC100", "dataset", "FC100"),
     "META_LABEL": ("run7", "meta_label", "run7"),
+    "TF_PROTOCOL": (True, "bn_mode", "tf"),
 }
 
 
@@ -84,6 +85,24 @@ def test_modes_build_the_right_phases(monkeypatch):
     assert load[0].init_weights.endswith("download_weights/pretrain.pth")
     test_load = parse_args(rx.commands("TEST_LOAD")[0][2:])
     assert test_load.eval_weights.endswith("download_weights/meta_1shot.pth")
+
+
+def test_tf_protocol_sets_the_tf_flags_in_every_phase(monkeypatch):
+    monkeypatch.setattr(rx, "TF_PROTOCOL", True)
+    monkeypatch.setattr(rx, "SHOT_NUM", 5)
+    for mode in ("PRE", "META"):
+        for a in (parse_args(c[2:]) for c in rx.commands(mode)):
+            assert (a.bn_mode, a.shortcut_ss, a.test_flip_support, a.test_query) == ("tf", "off", True, 5)
+
+
+def test_load_modes_read_tf_weights_when_the_download_folder_holds_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(rx, "DOWNLOAD_DIR", str(tmp_path))
+    assert parse_args(rx.commands("TEST_LOAD")[0][2:]).bn_mode == "pytorch"   # no weights.npy: the .pth files
+    (tmp_path / "weights.npy").write_bytes(b"")
+    meta_train, meta_eval = (parse_args(c[2:]) for c in rx.commands("META_LOAD"))
+    assert meta_train.init_weights == str(tmp_path) and meta_train.bn_mode == meta_eval.bn_mode == "tf"
+    test = parse_args(rx.commands("TEST_LOAD")[0][2:])
+    assert test.eval_weights == str(tmp_path) and test.test_flip_support and test.test_query == test.shot == 1
 
 
 def test_pytorch_recipe_keeps_main_defaults():

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import by_class, episode_labels
+from models.bn_mode import batch_dependent
 from models.mtl import inner_loop
 from utils.gpu_tools import autocast, to_device
 from utils.misc import mean_ci
@@ -51,22 +52,31 @@ def init_head(way: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(way, dim, generator=g) * std, torch.zeros(way)
 
 
+def hflip(images: np.ndarray) -> np.ndarray:
+    """Horizontal flips of uint8 images ``(N, H, W, 3)`` (``cv2.flip(img, 1)`` of the TF code)."""
+    return np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
+
+
 @torch.no_grad()
 def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torch.device,
                  batch_size: int = 256, amp: bool = False, progress: bool = False,
-                 desc: str = "encode") -> torch.Tensor:
-    """Encode every image of a split once, in eval mode.
+                 desc: str = "encode", flipped: bool = False) -> torch.Tensor:
+    """Encode every image of a split once (``flipped``: its horizontal flip), in eval mode.
 
     Returns:
         ``(N, D)`` float32 features on ``device``, row i for ``imageset.images[i]``.
     """
+    if batch_dependent(encoder):
+        raise ValueError("this encoder's features depend on the batch (BatchNorm without running statistics, "
+                         "--bn_mode tf): evaluate it episode by episode (eval_mode 'episodic')")
     was_training = encoder.training
     encoder.eval()
     out = []
     n = len(imageset.labels)
     with torch.inference_mode():
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-            x = to_device(torch.from_numpy(np.array(imageset.images[start:start + batch_size])), device)
+            chunk = np.array(imageset.images[start:start + batch_size])
+            x = to_device(torch.from_numpy(hflip(chunk) if flipped else chunk), device)
             with autocast(device, amp):
                 out.append(encoder(transform(x)).float())
     encoder.train(was_training)
@@ -88,11 +98,15 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     if ev.mode == "episodic":
         accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
                                  ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
-                                 progress=ev.progress, amp=ev.amp)
+                                 progress=ev.progress, amp=ev.amp, flip_support=ev.flip_support)
     else:
         feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress, desc=desc)
+        flipped = None
+        if ev.flip_support:
+            flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
+                                   desc=desc + " (flipped)", flipped=True)
         accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
-                             ev.classifier, ev.inner.loss_scale)
+                             ev.classifier, ev.inner.loss_scale, flipped_features=flipped)
     mean, ci = mean_ci(accs)
     return mean, ci, accs
 
@@ -122,12 +136,15 @@ def _classify(feat_s: torch.Tensor, feat_q: torch.Tensor, way: int, shot: int, i
 
 def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: int, init_w: torch.Tensor,
                   init_b: torch.Tensor, steps: int, lr: float, classifier: str = "finetune",
-                  loss_scale: float = 1.0, chunk: int = 500) -> np.ndarray:
+                  loss_scale: float = 1.0, chunk: int = 500,
+                  flipped_features: torch.Tensor | None = None) -> np.ndarray:
     """Run all episodes on stored features, ``chunk`` episodes at a time.
 
     Args:
         features: ``(N, D)`` from :func:`encode_split`.
         episodes: ``(E, way * (shot + query))`` image indices in episode layout.
+        flipped_features: ``(N, D)`` features of the flipped images: the support set becomes
+            ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way`` throughout).
     Returns:
         ``(E,)`` query accuracies in [0, 1].
     """
@@ -137,7 +154,10 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
     for start in range(0, len(idx_all), chunk):
         idx = idx_all[start:start + chunk].to(features.device)
         f = features[idx]                                                     # (e, n, D)
-        logits = _classify(f[:, :n_s], f[:, n_s:], way, shot, init_w, init_b, steps, lr, classifier,
+        f_s, k = f[:, :n_s], shot
+        if flipped_features is not None:
+            f_s, k = torch.cat([f_s, flipped_features[idx[:, :n_s]]], dim=1), 2 * shot   # (e, 2 n_s, D)
+        logits = _classify(f_s, f[:, n_s:], way, k, init_w, init_b, steps, lr, classifier,
                            loss_scale, order="first")
         y_q = episode_labels(way, (idx.shape[1] - n_s) // way).to(features.device)
         accs.append((logits.argmax(-1) == y_q).float().mean(1).cpu())
@@ -147,10 +167,12 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
 def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
                       shot: int, init_w: torch.Tensor, init_b: torch.Tensor, steps: int, lr: float,
                       device: torch.device, classifier: str = "finetune", loss_scale: float = 1.0,
-                      progress: bool = False, amp: bool = False) -> np.ndarray:
+                      progress: bool = False, amp: bool = False, flip_support: bool = False) -> np.ndarray:
     """The per-episode reference path: each episode's images go through the encoder (eval mode) and the
     inner loop runs with autograd, one episode at a time. ``amp``: the encoder runs under
     :func:`utils.gpu_tools.autocast` and its features are cast back to float32, as in :func:`encode_split`.
+    The query is one batch, the support another (with ``flip_support``: the support images then their horizontal
+    flips, ``(2 * way * shot, 3, S, S)``, as the TF test graph's ``inputa``).
 
     Returns:
         ``(E,)`` query accuracies in [0, 1].
@@ -160,12 +182,17 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
     n_s = way * shot
     accs = []
     for ep in tqdm(episodes, desc="episodes", disable=not progress, leave=False):
-        x = transform(to_device(torch.from_numpy(np.ascontiguousarray(imageset.images[ep])), device))
+        images = np.ascontiguousarray(imageset.images[ep])
+        x = transform(to_device(torch.from_numpy(images), device))
+        x_s, k = x[:n_s], shot
+        if flip_support:
+            x_s = torch.cat([x_s, transform(to_device(torch.from_numpy(hflip(images[:n_s])), device))])
+            k = 2 * shot
         with torch.no_grad(), autocast(device, amp):
             f_q = encoder(x[n_s:]).float()
-            f_s = encoder(x[:n_s]).float()
+            f_s = encoder(x_s).float()
         with torch.enable_grad():
-            logits = _classify(f_s[None], f_q[None], way, shot, init_w, init_b, steps, lr, classifier,
+            logits = _classify(f_s[None], f_q[None], way, k, init_w, init_b, steps, lr, classifier,
                                loss_scale, order="autograd")
         y_q = episode_labels(way, (len(ep) - n_s) // way).to(device)
         accs.append((logits[0].argmax(-1) == y_q).float().mean().item())

@@ -24,8 +24,10 @@ from tqdm import tqdm
 
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.meta_data_generator import CategoriesSampler, Task, by_class, fixed_episodes
+from models.bn_mode import apply_bn_mode
 from models.mtl import MetaLearner
 from models.resnet_mtl import build_backbone
+from models.tf_weights import TFWeights, is_tf_weights, read_tf_weights
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
 from trainer.evaluate import evaluate, init_head
 from trainer.hard_tasks import HardTaskPlanner
@@ -39,11 +41,24 @@ from utils.settings import EvalSettings, Settings
 SS_KEYS = ("mtl_weight", "mtl_bias")
 
 
-def check_backbone(ck: dict, backbone: str, path: str) -> None:
-    """A one-line error when a checkpoint says it was trained with another backbone."""
+def check_backbone(ck: dict, backbone: str, path: str, bn_mode: str = "pytorch") -> None:
+    """A one-line error when a checkpoint says it was trained with another backbone or BatchNorm mode."""
     if "backbone" in ck and ck["backbone"] != backbone:
         raise UserError(f"checkpoint {path} was trained with --backbone {ck['backbone']}, "
                         f"not {backbone}; pass --backbone {ck['backbone']}")
+    stored = ck.get("args") if isinstance(ck.get("args"), dict) else {}
+    trained = stored.get("bn_mode", "pytorch")  # checkpoints from before --bn_mode: pytorch
+    if "format" in ck and trained != bn_mode:
+        raise UserError(f"checkpoint {path} was trained with --bn_mode {trained}, not {bn_mode}; "
+                        f"pass --bn_mode {trained}")
+
+
+def read_tf(path: str, encoder: torch.nn.Module, bn_mode: str, parts: str) -> TFWeights:
+    """TF ``.npy`` weights (:func:`models.tf_weights.read_tf_weights`); they need the TF BatchNorm."""
+    if bn_mode != "tf":
+        raise UserError(f"{path}: TensorFlow weights need --bn_mode tf (the TF code's BatchNorm: batch statistics "
+                        "at train and test, no scale or shift); pass --bn_mode tf")
+    return read_tf_weights(path, encoder, parts)
 
 
 class MetaTrainer(BaseTrainer):
@@ -63,7 +78,8 @@ class MetaTrainer(BaseTrainer):
         self.val_set = self.data.load("val")
         check_episode_fit(self.train_set, a.way, a.shot + a.train_query, "meta-train")
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.meta_val)
-        self.model = MetaLearner(a.backbone, way=a.way).to(self.device)
+        self.model = MetaLearner(a.backbone, way=a.way, bn_mode=a.bn_mode,
+                                 shortcut_ss=a.shortcut_ss == "on").to(self.device)
         self.load_pretrained()
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -89,11 +105,19 @@ class MetaTrainer(BaseTrainer):
             print(f"meta-train starts from a randomly initialised {a.backbone} (--init_weights scratch)", flush=True)
             return
         path = a.init_weights or self.settings.paths.pre_checkpoint(a.pre_init_epoch)
+        if a.init_weights and is_tf_weights(path):
+            # TF folder / weights.npy: meta-training starts from weights.npy (the pre-trained encoder), with fresh SS
+            # and base learner, as the TF META_LOAD (tensorflow/trainer/meta.py L82-94); the SS shift starts at the
+            # pre-trained bias there, here Phi_S2 = 0 on the frozen bias: the same effective bias b + Phi_S2
+            tf = read_tf(path, self.model.encoder, a.bn_mode, parts="pre")
+            load_strict(self.model.encoder, tf.encoder, f"TensorFlow weights {tf.folder}", allow_missing=SS_KEYS)
+            print(f"meta-train starts from {tf.folder}/weights.npy (TensorFlow pre-trained weights)", flush=True)
+            return
         if not os.path.isfile(path):
             raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
                             "--dataset/--backbone/--pre_label, or pass --init_weights")
         ck = load_checkpoint(path)
-        check_backbone(ck, a.backbone, path)
+        check_backbone(ck, a.backbone, path, a.bn_mode)
         kind, enc, head = read_weights(ck, path)
         load_strict(self.model.encoder, enc, f"pre-trained checkpoint {path}",
                     allow_missing=SS_KEYS if kind == "pre" else ())
@@ -221,21 +245,28 @@ class MetaTrainer(BaseTrainer):
 
 
 # --------------------------------------------------------------------- meta-test
-def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: torch.device):
+def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: torch.device,
+                  bn_mode: str = "pytorch"):
     """Build the encoder and the base learner's initialisation from a checkpoint.
 
-    A meta checkpoint (ours or the official ``{'params': ...}`` of the meta phase) gives the SS encoder and the
-    meta-learned initialisation theta. A pre-train checkpoint gives the plain encoder and a fresh head
+    A meta checkpoint (ours or the official ``{'params': ...}`` of the meta phase, or a TF folder with all three
+    ``.npy`` files) gives the SS encoder and the meta-learned initialisation theta. A pre-train checkpoint (or a
+    TF folder with ``weights.npy`` only) gives the plain encoder and a fresh head
     (:func:`trainer.evaluate.init_head` with ``eval_seed``): the paper's "FT" baseline (pre-trained backbone,
-    fine-tuned linear base learner, no meta-training).
+    fine-tuned linear base learner, no meta-training). ``bn_mode``: the encoder's BatchNorm (``models/bn_mode.py``).
 
     Returns:
         ``(encoder, init_w (way, D), init_b (way,), kind)`` with kind ``"meta"`` or ``"pre"``.
     """
-    ck = load_checkpoint(path)
-    check_backbone(ck, backbone, path)
-    kind, enc_sd, head = read_weights(ck, path)
-    encoder = build_backbone(backbone, mtl=(kind == "meta"))
+    if is_tf_weights(path):
+        tf = read_tf(path, build_backbone(backbone, mtl=False), bn_mode, parts="auto")
+        kind, enc_sd, head = tf.kind, tf.encoder, tf.head
+        path = os.path.join(tf.folder, "fc_weights.npy" if kind == "meta" else "weights.npy")  # named in errors
+    else:
+        ck = load_checkpoint(path)
+        check_backbone(ck, backbone, path, bn_mode)
+        kind, enc_sd, head = read_weights(ck, path)
+    encoder = apply_bn_mode(build_backbone(backbone, mtl=(kind == "meta")), bn_mode)
     load_strict(encoder, enc_sd, f"checkpoint {path}")
     if kind == "meta":
         w, b = head["weight"].float(), head["bias"].float()
@@ -251,13 +282,13 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     ``test accuracy: MEAN ± CI (N episodes, W-way S-shot)`` and writes the results JSON next to the checkpoint."""
     args, ev = settings.args, settings.test
     path = args.eval_weights or settings.paths.meta_checkpoint
-    if not os.path.isfile(path):
+    if not (os.path.isfile(path) or os.path.isdir(path)):
         raise UserError(f"no checkpoint to evaluate at {path}: run --phase meta_train first with the same "
                         "settings, or pass --eval_weights")
     data = DataBundle(settings.data)
     test_set = data.load("test")
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
-    encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device)
+    encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device, args.bn_mode)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     mean, ci, accs = evaluate(encoder, test_set, data.eval_transform, episodes, w, b, ev, device, desc="encode test")
     return write_results(path, kind, mean, ci, len(accs), ev, settings_dict(args))
@@ -269,10 +300,12 @@ def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: Eval
     result = {"mean": round(100 * mean, 4), "ci95": round(100 * ci, 4), "episodes": n, "way": ev.way,
               "shot": ev.shot, "query": ev.query, "method": method, "checkpoint": path,
               "classifier": ev.classifier, "eval_mode": ev.mode, "eval_seed": ev.seed,
-              "inner_steps": ev.inner.steps, "base_lr": ev.inner.lr, "settings": settings}
+              "inner_steps": ev.inner.steps, "base_lr": ev.inner.lr, "flip_support": ev.flip_support,
+              "settings": settings}
     name = "results.json" if kind == "meta" and ev.classifier == "finetune" else \
         f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
-    out = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # a TF weights folder: in it
+    out = os.path.join(folder, name)
     write_json_atomic(out, result)
     print(f"test accuracy: {format_acc(mean, ci)} ({n} episodes, {ev.way}-way {ev.shot}-shot)", flush=True)
     print(f"results written to {out}", flush=True)

@@ -75,7 +75,7 @@ class PreTrainer(BaseTrainer):
         self.val_set = self.data.load("val")
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.pre_val)
         self.model = PreLearner(a.backbone, num_classes=self.train_set.num_classes, pre_head=a.pre_head,
-                                dropout_keep=a.pre_dropout_keep).to(self.device)
+                                dropout_keep=a.pre_dropout_keep, bn_mode=a.bn_mode).to(self.device)
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
         # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save

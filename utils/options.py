@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from models.bn_mode import BN_MODES
 from models.resnet_mtl import BACKBONES
 
 PHASES = ("pre_train", "meta_train", "meta_eval")
@@ -101,6 +102,16 @@ def positive_float(text: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
+
+
+def query_count(text: str) -> int | str:
+    """A positive number of queries per class, or ``shot`` (as many as ``--shot``)."""
+    if text == "shot":
+        return text
+    try:
+        return positive_int(text)
+    except ValueError:  # not a number (a number <= 0 is positive_int's own error)
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'shot', got {text}")
 
 
 def keep_rate(text: str) -> float:
@@ -189,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image_size", type=positive_int, default=80, help="network input size in pixels")
     a("--preprocess", default="pytorch", choices=["pytorch", "paper"],
       help="pytorch: resize to 92/80 of the size, centre crop, CIFAR mean/std; paper: /255 only")
+    a("--bn_mode", default="pytorch", choices=list(BN_MODES),
+      help="BatchNorm in every phase. pytorch: learned scale/shift, running statistics at test time; tf: the official "
+           "TF code's (no scale, shift 0, eps 1e-3, batch statistics at train AND test, conv biases before BN; "
+           "evaluation then runs episode by episode). TF .npy weights need tf")
     a("--pre_train_dir", default=None, help="pre-train images (default: <dataset_dir>/train)")
     a("--meta_train_dir", default=None, help="meta-train images (default: <dataset_dir>/train)")
     a("--meta_val_dir", default=None, help="validation images (default: <dataset_dir>/val)")
@@ -218,9 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--meta_lr_min", type=float, default=0.0, help="floor of meta_lr1 (meta_lr2 floored in proportion)")
     a("--second_order", action="store_true", help="differentiate through the inner loop")
     a("--first_order", dest="second_order", action="store_false", help="official first-order update")
+    a("--shortcut_ss", default="on", choices=["on", "off"],
+      help="SS on the 1x1 shortcut convs: on (official PyTorch: every conv) or off (TF: the shortcut has none)")
     a("--inner_loss", default="mean", choices=["mean", "sum"],
       help="inner-loop loss: mean CE (official PyTorch) or sum CE / shot (TF; = way x mean)")
     flex(a("--test_update_step", type=positive_int, default=None, help="inner steps at meta-test (default update_step)"))
+    flex(a("--test_query", type=query_count, default=None,
+           help="queries per class at meta-test: a number, or 'shot' (the TF protocol: as many as --shot). "
+                "Default: --val_query"))
+    flex(a("--test_flip_support", action="store_true",
+           help="meta-test: each support image and its horizontal flip are both in the support set (TF "
+                "base_augmentation)"))
     a("--num_val_episodes", type=positive_int, default=600)
     flex(a("--num_test_episodes", type=positive_int, default=600))
     a("--eval_seed", type=int, default=1, help="seed of the fixed validation / test episodes")
@@ -285,6 +308,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.recipe_source = source
     if args.test_update_step is None:
         args.test_update_step = args.update_step
+    if args.test_query is None:
+        args.test_query = args.val_query
+    elif args.test_query == "shot":
+        args.test_query = args.shot
     return args
 
 

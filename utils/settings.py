@@ -19,12 +19,14 @@ __all__ = ["InnerLoop", "EvalSettings", "RunPaths", "DataSettings", "HardTaskSet
            "inner_loss_scale"]
 
 
-def inner_loss_scale(inner_loss: str, way: int) -> float:
+def inner_loss_scale(inner_loss: str, way: int, support_copies: int = 1) -> float:
     """``mean``: mean CE over the support (official PyTorch). ``sum``: TF's per-sample CE / shot summed over the
-    support (``tensorflow/utils/misc.py xent``), i.e. ``way`` times the mean."""
+    support (``tensorflow/utils/misc.py xent``), i.e. ``way`` times the mean; with the flipped support
+    (``--test_flip_support``, ``support_copies = 2``) the TF sum runs over twice the images, still divided by shot
+    (``xent`` divides by ``FLAGS.shot_num``, ``tensorflow/utils/misc.py`` L302-311), i.e. ``2 * way`` times the mean."""
     if inner_loss not in ("mean", "sum"):
         raise ValueError(f"inner_loss must be 'mean' or 'sum', got {inner_loss!r}")
-    return float(way) if inner_loss == "sum" else 1.0
+    return float(way * support_copies) if inner_loss == "sum" else 1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class InnerLoop:
 class EvalSettings:
     """One few-shot evaluation (pre-train validation, meta-validation, meta-test): ``episodes`` fixed episodes of
     ``way`` x (``shot`` + ``query``) drawn with ``seed``; ``mode`` bank | episodic; ``classifier`` finetune (the
-    inner loop) | centroid (nearest class mean)."""
+    inner loop) | centroid (nearest class mean); ``flip_support``: the support set also holds each support image's
+    horizontal flip (the TF test protocol's ``base_augmentation``)."""
 
     way: int
     shot: int
@@ -55,6 +58,7 @@ class EvalSettings:
     batch_size: int = 256
     amp: bool = False
     progress: bool = False
+    flip_support: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,15 +160,21 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
         scale = inner_loss_scale(args.inner_loss, args.way)
-        common = dict(way=args.way, shot=args.shot, seed=args.eval_seed, mode=args.eval_mode,
+        flip = bool(getattr(args, "test_flip_support", False))
+        # --bn_mode tf: a feature depends on its batch, so no feature bank; each episode's support and query are
+        # encoded as their own batches, as in the TF graph (models/bn_mode.py)
+        mode = "episodic" if getattr(args, "bn_mode", "pytorch") == "tf" else args.eval_mode
+        common = dict(way=args.way, shot=args.shot, seed=args.eval_seed, mode=mode,
                       batch_size=args.eval_batch_size, amp=args.amp, progress=not args.quiet)
         val = dict(common, query=args.val_query, episodes=args.num_val_episodes)
+        test_query = getattr(args, "test_query", None) or args.val_query
         return cls(
             args=args, paths=RunPaths.from_args(args), data=DataSettings.from_args(args),
             inner_train=InnerLoop(args.update_step, args.base_lr, scale, bool(args.second_order)),
             pre_val=EvalSettings(**val, inner=InnerLoop(args.pre_val_update_step, args.pre_val_base_lr)),
             meta_val=EvalSettings(**val, inner=InnerLoop(args.update_step, args.base_lr, scale)),
-            test=EvalSettings(**common, query=args.val_query, episodes=args.num_test_episodes,
-                              classifier=args.eval_classifier,
-                              inner=InnerLoop(args.test_update_step, args.base_lr, scale)),
+            test=EvalSettings(**common, query=test_query, episodes=args.num_test_episodes,
+                              classifier=args.eval_classifier, flip_support=flip,
+                              inner=InnerLoop(args.test_update_step, args.base_lr,
+                                              inner_loss_scale(args.inner_loss, args.way, 2 if flip else 1))),
             hard=HardTaskSettings.from_args(args) if args.hard_task else None)
