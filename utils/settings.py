@@ -15,6 +15,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from utils.gpu_tools import amp_mode
+
 __all__ = ["InnerLoop", "EvalSettings", "RunPaths", "DataSettings", "HardTaskSettings", "Settings",
            "inner_loss_scale"]
 
@@ -53,7 +55,7 @@ class EvalSettings:
     mode: str = "bank"
     classifier: str = "finetune"
     batch_size: int = 256
-    amp: bool = False
+    amp: bool | str = False  # utils.gpu_tools.amp_mode: off | auto | bfloat16 (a bool: --amp alone)
     progress: bool = False
 
 
@@ -151,12 +153,14 @@ class Settings:
     meta_val: EvalSettings
     test: EvalSettings
     hard: HardTaskSettings | None
+    amp: str = "off"  # --amp / --amp_dtype as utils.gpu_tools.amp_mode: off | auto | bfloat16
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
         scale = inner_loss_scale(args.inner_loss, args.way)
+        amp = amp_mode(args.amp, getattr(args, "amp_dtype", "auto"))
         common = dict(way=args.way, shot=args.shot, seed=args.eval_seed, mode=args.eval_mode,
-                      batch_size=args.eval_batch_size, amp=args.amp, progress=not args.quiet)
+                      batch_size=args.eval_batch_size, amp=amp, progress=not args.quiet)
         val = dict(common, query=args.val_query, episodes=args.num_val_episodes)
         return cls(
             args=args, paths=RunPaths.from_args(args), data=DataSettings.from_args(args),
@@ -166,4 +170,4 @@ class Settings:
             test=EvalSettings(**common, query=args.val_query, episodes=args.num_test_episodes,
                               classifier=args.eval_classifier,
                               inner=InnerLoop(args.test_update_step, args.base_lr, scale)),
-            hard=HardTaskSettings.from_args(args) if args.hard_task else None)
+            hard=HardTaskSettings.from_args(args) if args.hard_task else None, amp=amp)
