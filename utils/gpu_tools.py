@@ -53,10 +53,14 @@ def amp_mode(amp: bool, amp_dtype: str = "auto") -> str:
     return amp_dtype if amp else "off"
 
 
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, arm64 ``Features``); empty if unreadable."""
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_flags(path: str | None = None) -> set[str]:
+    """The CPU's feature flags from ``path`` (default :data:`CPUINFO`; x86 ``flags``, arm64 ``Features``); empty if
+    unreadable."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path or CPUINFO, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
