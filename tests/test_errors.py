@@ -220,10 +220,12 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid == "E35":  # the same pre-train again into the finished run's folder
         return c.argv(*PRE)
+    if cid == "E70":  # --amp_dtype without --amp
+        return c.argv(*PRE, "--pre_label", "amp", "--amp_dtype", "bfloat16")
     raise KeyError(cid)
 
 
-CASES = [f"E{i:02d}" for i in range(1, 36)]
+CASES = [f"E{i:02d}" for i in range(1, 36)] + ["E70"]
 
 
 def test_every_row_of_the_catalogue_has_a_case():
