@@ -27,7 +27,8 @@ Configurations:
   The main configuration runs twice, in fp32 and in bf16 (``--amp --amp_dtype bfloat16``), and the table puts
   the two side by side (``bf16_vs_fp32``: pre-train images/s, meta-train s/episode, meta-test encode images/s and
   bf16's speed-up). On a CPU with avx512_bf16 / amx_bf16 bf16 runs natively; on one without (``bf16.emulated``)
-  torch emulates it, slower than fp32, so the row measures the code path, not a speed-up.
+  torch would emulate it, 9-20x slower than fp32 on our AVX2 machine, so the bf16 pass is left out (``bf16.skipped``, one line)
+  unless ``--precisions fp32,bf16`` asks for it (or ``--tiny``); it then measures the code path, not a speed-up.
 * ``--full`` (a GPU, a few minutes): ResNet-12 at 84 px on miniImageNet-sized synthetic data (64 x 600 training
   and 20 x 600 test images): pre-train images/s (fp32, bf16, bf16 + channels_last, optionally compiled),
   meta-train episodes/s, the 600-episode meta-test (bank and per-episode), each in fp32 and bf16.
@@ -455,18 +456,24 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     work = os.path.join(out, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    # bf16 rows run bfloat16 forced (BF16_FLAGS): native on CUDA and on a CPU with avx512_bf16 / amx_bf16, emulated
-    # (slower than fp32) on other CPUs, where the row measures the code path, not a speed-up (res["bf16"] says which)
-    precisions = list(cfg["precisions"])
+    # bf16 rows run bfloat16 forced (BF16_FLAGS): native on CUDA and on a CPU with avx512_bf16 / amx_bf16. Where it
+    # would be emulated (9-20x slower than fp32 here) the bf16 pass is left out unless asked for (--precisions) or
+    # --tiny (the dry run of the code); res["bf16"] says which
     parts = set(opts.parts)
     res: dict[str, Any] = {"config": cfg["name"], "parts": sorted(parts), "device": str(device),
                            "loadavg_start": list(load_start)}
     res["machine"] = machine_info(device)
-    if "bf16" in precisions:
+    wanted = list(cfg["precisions"]) if opts.precisions is None else opts.precisions
+    if "bf16" in wanted:
         res["bf16"] = bf16_info(device)
-        if res["bf16"]["emulated"]:
-            b.log("note: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16): the bf16 rows are emulated, "
-                  "slower than fp32; they measure the code path, not the speed-up of a CPU with native bf16")
+    precisions = choose_precisions(wanted, opts.precisions is not None, opts.tiny, res.get("bf16", {}).get("emulated"))
+    if "bf16" in wanted and "bf16" not in precisions:
+        res["bf16"]["skipped"] = True
+        b.log("note: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16), so the bf16 pass is left out "
+              "(emulated it is 9-20x slower than fp32 here); --precisions fp32,bf16 runs it anyway")
+    elif "bf16" in precisions and res["bf16"]["emulated"]:
+        b.log("note: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16): the bf16 rows are emulated, "
+              "slower than fp32; they measure the code path, not the speed-up of a CPU with native bf16")
     b.log(f"config {cfg['name']} ({', '.join(sorted(parts))}) on {device} ({res['machine']['cpu_model']}, "
           f"{torch.get_num_threads()} threads; load average {load_start[0]:.2f})")
     res["machine_busy"] = load_start[0] >= 0.5 * (os.cpu_count() or 1)
@@ -621,6 +628,14 @@ def side_by_side(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
             for k, _, higher in SIDE_BY_SIDE}
 
 
+def choose_precisions(wanted: list[str], explicit: bool, tiny: bool, emulated: bool | None) -> list[str]:
+    """The precisions the main configuration runs: ``wanted`` (the configuration's, or ``--precisions``), less
+    bf16 where it would be emulated (``emulated``) unless it was asked for explicitly or the run is ``--tiny``."""
+    if "bf16" in wanted and emulated and not explicit and not tiny:
+        return [p for p in wanted if p != "bf16"]
+    return list(wanted)
+
+
 def bf16_info(device: torch.device) -> dict[str, Any]:
     """Whether the device runs bfloat16 natively: the CPU feature (``utils.gpu_tools.cpu_bf16_feature``) or the
     GPU's bf16 support; ``emulated`` where the bf16 rows are slower than fp32 by construction."""
@@ -721,6 +736,9 @@ def format_table(r: dict[str, Any]) -> str:
                 if k in row:
                     v = row[k].get("pretrain_images_per_s", row[k].get("error"))
                     lines.append(f"| {prec} {label} | {_f(v, 1)} | | | | | |")
+    if r.get("bf16", {}).get("skipped"):
+        lines += ["", "bf16: not run (this CPU has no native bfloat16, no avx512_bf16 / amx_bf16; "
+                      "`--precisions fp32,bf16` runs it emulated, 9-20x slower than fp32 here)"]
     if "bf16_vs_fp32" in r:
         bf = r.get("bf16", {})
         how = (f"native bfloat16 ({bf['native_feature']})" if not bf.get("emulated", False) else
@@ -753,6 +771,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parts", default="main,glyphs",
                    help="comma-separated parts to run: main, glyphs, official (default main,glyphs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated precisions of the main configuration: fp32, bf16 (default both, side by "
+                        "side; bf16 left out where the CPU would emulate it, except with --tiny)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     opts = p.parse_args(argv)
     opts.argv = list(argv)
@@ -760,6 +781,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [x for x in parts if x not in ("main", "glyphs", "official")]
     if bad:
         p.error(f"unknown part(s) {', '.join(bad)}; choose from main, glyphs, official")
+    if opts.precisions is not None:
+        opts.precisions = [x for x in opts.precisions.split(",") if x]
+        if "fp32" not in opts.precisions or any(x not in ("fp32", "bf16") for x in opts.precisions):
+            p.error(f"--precisions {','.join(opts.precisions)}: choose fp32 or fp32,bf16")
+        opts.precisions = list(dict.fromkeys(opts.precisions))
     if opts.official and "official" not in parts:
         parts.append("official")
     if opts.skip_glyphs and "glyphs" in parts:

@@ -78,3 +78,45 @@ def test_benchmark_parts(tmp_path):
                 "--threads", "1"])
     assert "precisions" not in res and res["glyphs"]["episodes_equal"] == 2
     assert res["official_resnet25"]["val_episode_s_episodic"] > 0
+
+
+def test_bf16_pass_is_left_out_only_where_emulated_and_not_asked_for():
+    from tools.benchmark import choose_precisions
+    both = ["fp32", "bf16"]
+    assert choose_precisions(both, explicit=False, tiny=False, emulated=True) == ["fp32"]      # default BENCH, AVX2
+    assert choose_precisions(both, explicit=False, tiny=False, emulated=False) == both         # avx512_bf16 / GPU
+    assert choose_precisions(both, explicit=True, tiny=False, emulated=True) == both           # --precisions fp32,bf16
+    assert choose_precisions(both, explicit=False, tiny=True, emulated=True) == both           # --tiny dry run
+    assert choose_precisions(["fp32"], explicit=True, tiny=False, emulated=None) == ["fp32"]
+
+
+def test_precisions_flag(tmp_path):
+    import pytest
+    from tools.benchmark import parse
+    assert parse(["--precisions", "fp32,bf16,bf16"]).precisions == ["fp32", "bf16"]
+    assert parse([]).precisions is None
+    for bad in ("bf16", "fp16", "fp32,fp16"):
+        with pytest.raises(SystemExit):
+            parse(["--precisions", bad])
+
+
+def test_fp32_only_run_has_no_bf16_rows(tmp_path):
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--tiny", "--skip_glyphs", "--threads", "1", "--precisions", "fp32"])
+    assert set(res["precisions"]) == {"fp32"} and "bf16_vs_fp32" not in res and "bf16" not in res
+    assert "side by side" not in (out / "benchmark.md").read_text()
+
+
+def test_default_run_on_an_emulating_cpu_says_bf16_was_left_out(tmp_path, monkeypatch):
+    """What the default BENCH does on a CPU without native bf16 (simulated: --tiny would keep the pass)."""
+    import tools.benchmark as tb
+    monkeypatch.setattr(tb, "bf16_info", lambda device: {"native_feature": None, "emulated": True})
+    real = tb.choose_precisions
+    monkeypatch.setattr(tb, "choose_precisions",
+                        lambda wanted, explicit, tiny, emulated: real(wanted, explicit, False, emulated))
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--tiny", "--skip_glyphs", "--threads", "1"])
+    assert set(res["precisions"]) == {"fp32"} and res["bf16"] == {"native_feature": None, "emulated": True,
+                                                                  "skipped": True}
+    assert "bf16: not run (this CPU has no native bfloat16" in (out / "benchmark.md").read_text()
+
