@@ -12,6 +12,8 @@ bfloat16 really ran (float32 gives exactly 0 on the same machine and thread coun
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -113,8 +115,6 @@ def amp_run(tmp_path_factory):
     logs = str(root / "logs")
     base = COMMON + ["--dataset_dir", data, "--log_root", logs]
     gpu_tools._noted.clear()
-    import contextlib
-    import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rcs = [main.cli(PRE + base + FORCE), main.cli(META + base + FORCE), main.cli(EVAL + base + FORCE)]
