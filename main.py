@@ -20,6 +20,9 @@ def validate_args(args) -> None:
     if args.image_size < min_image_size(args.backbone):
         raise UserError(f"--image_size {args.image_size} is too small for --backbone {args.backbone} "
                         f"(at least {min_image_size(args.backbone)} px)")
+    if args.amp_dtype != "auto" and not args.amp:
+        raise UserError(f"--amp_dtype {args.amp_dtype} chooses the precision of --amp, which is not given "
+                        f"(add --amp, or drop --amp_dtype)")
     if args.hard_task and args.phase == "meta_train" and args.ht_hard_tasks == 0:
         print("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard task",
               flush=True)

@@ -293,9 +293,14 @@ class MetaLearner(nn.Module):
                     emb_s.append(enc(x_s[i]))
         w0 = self.base_learner.weight.unsqueeze(0).expand(t, -1, -1)
         b0 = self.base_learner.bias.unsqueeze(0).expand(t, -1)
-        w_t, b_t = inner_loop(torch.stack(emb_s), y_s.unsqueeze(0).expand(t, -1), w0, b0, update_step, base_lr,
-                              order="second" if second_order else "first", loss_scale=loss_scale)
-        return torch.stack([F.linear(q, w.to(q.dtype), b.to(q.dtype)) for q, w, b in zip(emb_q, w_t, b_t)])
+        # under --amp (bfloat16 autocast) only the encoder ran in bfloat16: the inner loop and the query logits run
+        # in float32 (or the features' wider dtype), with autocast off, on CUDA and the CPU alike
+        dt = _compute_dtype(emb_s[0], w0)
+        with torch.autocast(x_q.device.type, enabled=False):
+            w_t, b_t = inner_loop(torch.stack(emb_s).to(dt), y_s.unsqueeze(0).expand(t, -1), w0.to(dt), b0.to(dt),
+                                  update_step, base_lr, order="second" if second_order else "first",
+                                  loss_scale=loss_scale)
+            return torch.stack([F.linear(q.to(dt), w, b) for q, w, b in zip(emb_q, w_t, b_t)])
 
     def check_trainable(self) -> None:
         """Only SS parameters (mtl_weight/mtl_bias), BN affine and the base learner may require grad."""

@@ -221,6 +221,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid == "E35":  # the same pre-train again into the finished run's folder
         return c.argv(*PRE)
+    if cid == "E70":  # --amp_dtype without --amp
+        return c.argv(*PRE, "--pre_label", "amp", "--amp_dtype", "bfloat16")
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in TF_ROWS:
@@ -378,7 +380,7 @@ def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
     return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
 
 
-CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS  # issue 11: E36-E48, issue 12: E50-E59
+CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + ["E70"]  # issue 11: E36-E48, 12: E50-E59, 16: E70
 
 
 def test_every_row_of_the_catalogue_has_a_case():

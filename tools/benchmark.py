@@ -15,7 +15,7 @@ the two evaluation paths is checked on the same episodes).
 
 Configurations:
 
-* default (CPU, about 3 minutes on 2 idle cores): ResNet-12 at 84 px ("pytorch" preprocessing with the
+* default (CPU, about 3 minutes on 2 idle cores for the fp32 pass, plus the bf16 pass below): ResNet-12 at 84 px ("pytorch" preprocessing with the
   RandomResizedCrop augmentation), pre-train batch 16, 5-way 1-shot episodes with 5 queries per class in
   meta-train (as the DEMO; 15 with ``--full`` and ``--official``) and 15 in meta-test; the meta-test split is
   small (the feature bank's cost grows with the split, the per-episode path's with the episodes, so a
@@ -24,6 +24,11 @@ Configurations:
   inner loop) on an encoder given the DEMO's pre-training for a few steps (or ``--glyph_checkpoint``): the bank
   on all 600 fixed episodes, the per-episode path on the first ``--glyph_episodic`` of them (100 by default,
   600 for the full comparison), equal accuracies checked episode by episode.
+  The main configuration runs twice, in fp32 and in bf16 (``--amp --amp_dtype bfloat16``), and the table puts
+  the two side by side (``bf16_vs_fp32``: pre-train images/s, meta-train s/episode, meta-test encode images/s and
+  bf16's speed-up). On a CPU with avx512_bf16 / amx_bf16 bf16 runs natively; on one without (``bf16.emulated``)
+  torch would emulate it, 9-20x slower than fp32 on our AVX2 machine, so the bf16 pass is left out (``bf16.skipped``, one line)
+  unless ``--precisions fp32,bf16`` asks for it (or ``--tiny``); it then measures the code path, not a speed-up.
 * ``--full`` (a GPU, a few minutes): ResNet-12 at 84 px on miniImageNet-sized synthetic data (64 x 600 training
   and 20 x 600 test images): pre-train images/s (fp32, bf16, bf16 + channels_last, optionally compiled),
   meta-train episodes/s, the 600-episode meta-test (bank and per-episode), each in fp32 and bf16.
@@ -62,10 +67,13 @@ from trainer.base import DataBundle
 from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
 from trainer.meta import MetaTrainer, load_for_eval
 from trainer.pre import PreTrainer
-from utils.gpu_tools import autocast, pick_device
+from utils.gpu_tools import autocast, cpu_bf16_feature, pick_device
 from utils.misc import Timer, write_json_atomic
 from utils.options import parse_args
 from utils.settings import Settings
+
+BF16 = "bfloat16"                             # the bf16 rows: utils.gpu_tools.amp_mode, forced
+BF16_FLAGS = ["--amp", "--amp_dtype", BF16]  # main.py's flags for it
 
 RESULT_KEYS = ("pretrain_images_per_s", "loader_images_per_s", "meta_train_s_per_episode_first_order",
                "meta_train_s_per_episode_second_order", "meta_test_episodes_per_s_bank",
@@ -84,7 +92,7 @@ CPU_DEFAULT: dict[str, Any] = {
     "test_episodes": 600, "test_update_step": 100, "test_base_lr": 0.01, "episodic_episodes": 2,
     "fwd_batch": 16, "fwd_reps": 3, "matmul_n": 2048, "matmul_reps": 5,
     "glyph_episodes": 600, "glyph_episodic": 100, "glyph_pretrain_steps": 40, "glyph_update_step": 0,
-    "precisions": ["fp32"], "channels_last_row": False, "compile_row": False,
+    "precisions": ["fp32", "bf16"], "channels_last_row": False, "compile_row": False,
     "official": {"backbone": "resnet25", "image_size": 80, "update_step": 100, "base_lr": 0.01},
     "mini_test_images": 12000,
 }
@@ -243,7 +251,7 @@ def bench_pretrain(b: Bench, cfg: dict, dataset_dir: str, log_root: str, amp: bo
                    channels_last: bool = False, compile_: bool = False) -> dict[str, Any]:
     """PreTrainer's own build, ``load_batch`` (gather from the cached split + device copy + augmentation) and
     ``train_step`` (forward, backward, SGD step)."""
-    extra = (["--amp"] if amp else []) + (["--channels_last"] if channels_last else []) + \
+    extra = (BF16_FLAGS if amp else []) + (["--channels_last"] if channels_last else []) + \
         (["--compile"] if compile_ else [])
     tr = PreTrainer(main_args(cfg, dataset_dir, log_root, extra), b.device)
     t = time.perf_counter()
@@ -275,7 +283,7 @@ def bench_meta_train(b: Bench, cfg: dict, dataset_dir: str, log_root: str, secon
              "--second_order" if second_order else "--first_order"]
     if second_order:
         extra += ["--inner_loss", "sum"]
-    tr = MetaTrainer(main_args(cfg, dataset_dir, log_root, extra + (["--amp"] if amp else [])), b.device)
+    tr = MetaTrainer(main_args(cfg, dataset_dir, log_root, extra + (BF16_FLAGS if amp else [])), b.device)
     tr.build()
     tr.model.train()
     timer = Timer()
@@ -448,12 +456,24 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     work = os.path.join(out, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    # bf16 rows need CUDA (autocast is a no-op elsewhere); --tiny keeps them on the CPU as a dry run of the code
-    precisions = [p for p in cfg["precisions"] if p == "fp32" or device.type == "cuda" or opts.tiny]
+    # bf16 rows run bfloat16 forced (BF16_FLAGS): native on CUDA and on a CPU with avx512_bf16 / amx_bf16. Where it
+    # would be emulated (9-20x slower than fp32 here) the bf16 pass is left out unless asked for (--precisions) or
+    # --tiny (the dry run of the code); res["bf16"] says which
     parts = set(opts.parts)
     res: dict[str, Any] = {"config": cfg["name"], "parts": sorted(parts), "device": str(device),
                            "loadavg_start": list(load_start)}
     res["machine"] = machine_info(device)
+    wanted = list(cfg["precisions"]) if opts.precisions is None else opts.precisions
+    if "bf16" in wanted:
+        res["bf16"] = bf16_info(device)
+    precisions = choose_precisions(wanted, opts.precisions is not None, opts.tiny, res.get("bf16", {}).get("emulated"))
+    if "bf16" in wanted and "bf16" not in precisions:
+        res["bf16"]["skipped"] = True
+        b.log("note: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16), so the bf16 pass is left out "
+              "(emulated it is 9-20x slower than fp32 here); --precisions fp32,bf16 runs it anyway")
+    elif "bf16" in precisions and res["bf16"]["emulated"]:
+        b.log("note: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16): the bf16 rows are emulated, "
+              "slower than fp32; they measure the code path, not the speed-up of a CPU with native bf16")
     b.log(f"config {cfg['name']} ({', '.join(sorted(parts))}) on {device} ({res['machine']['cpu_model']}, "
           f"{torch.get_num_threads()} threads; load average {load_start[0]:.2f})")
     res["machine_busy"] = load_start[0] >= 0.5 * (os.cpu_count() or 1)
@@ -526,7 +546,7 @@ def run_main(b: Bench, cfg: dict, precisions: list[str], work: str, res: dict[st
 
     rows: dict[str, dict[str, Any]] = {}
     for prec in precisions:
-        amp = prec == "bf16"
+        amp = BF16 if prec == "bf16" else False
         row: dict[str, Any] = {}
         pre = bench_pretrain(b, cfg, dataset_dir, work, amp=amp)
         row["pretrain"] = pre
@@ -583,6 +603,47 @@ def run_main(b: Bench, cfg: dict, precisions: list[str], work: str, res: dict[st
         "backbone_fraction_of_matmul_peak": flops * fp["forward"]["images_per_s"] / mm["flop_per_s"],
     })
     res["precisions"] = rows
+    if "bf16" in rows:
+        res["bf16_vs_fp32"] = side_by_side(rows)
+
+
+SIDE_BY_SIDE = (  # (key, label, higher is faster): the fp32 and bf16 rates of one run, side by side
+    ("pretrain_images_per_s", "pre-train images/s", True),
+    ("meta_train_s_per_episode_first_order", "meta-train s/episode, first order", False),
+    ("meta_train_s_per_episode_second_order", "meta-train s/episode, second order", False),
+    ("meta_test_encode_images_per_s", "meta-test encode images/s (feature bank)", True),
+)
+
+
+def side_by_side(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per measurement of :data:`SIDE_BY_SIDE`: the fp32 and bf16 values and ``speedup`` = how many times faster
+    bf16 is (> 1: faster; < 1: slower, as emulated bf16 on a CPU without native support)."""
+    def values(row: dict[str, Any]) -> dict[str, float]:
+        return {"pretrain_images_per_s": row["pretrain"]["pretrain_images_per_s"],
+                "meta_train_s_per_episode_first_order": row["meta_train_first_order"]["s_per_episode"],
+                "meta_train_s_per_episode_second_order": row["meta_train_second_order"]["s_per_episode"],
+                "meta_test_encode_images_per_s": row["meta_test"]["encode_images_per_s"]}
+    fp, bf = values(rows["fp32"]), values(rows["bf16"])
+    return {k: {"fp32": fp[k], "bf16": bf[k], "speedup": bf[k] / fp[k] if higher else fp[k] / bf[k]}
+            for k, _, higher in SIDE_BY_SIDE}
+
+
+def choose_precisions(wanted: list[str], explicit: bool, tiny: bool, emulated: bool | None) -> list[str]:
+    """The precisions the main configuration runs: ``wanted`` (the configuration's, or ``--precisions``), less
+    bf16 where it would be emulated (``emulated``) unless it was asked for explicitly or the run is ``--tiny``."""
+    if "bf16" in wanted and emulated and not explicit and not tiny:
+        return [p for p in wanted if p != "bf16"]
+    return list(wanted)
+
+
+def bf16_info(device: torch.device) -> dict[str, Any]:
+    """Whether the device runs bfloat16 natively: the CPU feature (``utils.gpu_tools.cpu_bf16_feature``) or the
+    GPU's bf16 support; ``emulated`` where the bf16 rows are slower than fp32 by construction."""
+    if device.type == "cuda":
+        native = bool(torch.cuda.is_bf16_supported())
+        return {"native_feature": "cuda bf16" if native else None, "emulated": not native}
+    feature = cpu_bf16_feature()
+    return {"native_feature": feature, "emulated": feature is None}
 
 
 def _f(v: Any, nd: int = 2) -> str:
@@ -675,6 +736,18 @@ def format_table(r: dict[str, Any]) -> str:
                 if k in row:
                     v = row[k].get("pretrain_images_per_s", row[k].get("error"))
                     lines.append(f"| {prec} {label} | {_f(v, 1)} | | | | | |")
+    if r.get("bf16", {}).get("skipped"):
+        lines += ["", "bf16: not run (this CPU has no native bfloat16, no avx512_bf16 / amx_bf16; "
+                      "`--precisions fp32,bf16` runs it emulated, 9-20x slower than fp32 here)"]
+    if "bf16_vs_fp32" in r:
+        bf = r.get("bf16", {})
+        how = (f"native bfloat16 ({bf['native_feature']})" if not bf.get("emulated", False) else
+               "bfloat16 EMULATED (this CPU has no avx512_bf16 / amx_bf16), so slower than fp32 by construction")
+        lines += ["", f"fp32 and bf16 side by side (`--amp --amp_dtype bfloat16`; {how}):", "",
+                  "| measurement | fp32 | bf16 | bf16 speed-up |", "|---|---|---|---|"]
+        for k, label, _ in SIDE_BY_SIDE:
+            v = r["bf16_vs_fp32"][k]
+            lines.append(f"| {label} | {_f(v['fp32'])} | {_f(v['bf16'])} | {v['speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -698,6 +771,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parts", default="main,glyphs",
                    help="comma-separated parts to run: main, glyphs, official (default main,glyphs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated precisions of the main configuration: fp32, bf16 (default both, side by "
+                        "side; bf16 left out where the CPU would emulate it, except with --tiny)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     opts = p.parse_args(argv)
     opts.argv = list(argv)
@@ -705,6 +781,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [x for x in parts if x not in ("main", "glyphs", "official")]
     if bad:
         p.error(f"unknown part(s) {', '.join(bad)}; choose from main, glyphs, official")
+    if opts.precisions is not None:
+        opts.precisions = [x for x in opts.precisions.split(",") if x]
+        if "fp32" not in opts.precisions or any(x not in ("fp32", "bf16") for x in opts.precisions):
+            p.error(f"--precisions {','.join(opts.precisions)}: choose fp32 or fp32,bf16")
+        opts.precisions = list(dict.fromkeys(opts.precisions))
     if opts.official and "official" not in parts:
         parts.append("official")
     if opts.skip_glyphs and "glyphs" in parts:

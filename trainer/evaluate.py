@@ -59,7 +59,7 @@ def hflip(images: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torch.device,
-                 batch_size: int = 256, amp: bool = False, progress: bool = False,
+                 batch_size: int = 256, amp: bool | str = False, progress: bool = False,
                  desc: str = "encode", flipped: bool = False) -> torch.Tensor:
     """Encode every image of a split once (``flipped``: its horizontal flip), in eval mode.
 
@@ -167,7 +167,7 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
 def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
                       shot: int, init_w: torch.Tensor, init_b: torch.Tensor, steps: int, lr: float,
                       device: torch.device, classifier: str = "finetune", loss_scale: float = 1.0,
-                      progress: bool = False, amp: bool = False, flip_support: bool = False) -> np.ndarray:
+                      progress: bool = False, amp: bool | str = False, flip_support: bool = False) -> np.ndarray:
     """The per-episode reference path: each episode's images go through the encoder (eval mode) and the
     inner loop runs with autograd, one episode at a time. ``amp``: the encoder runs under
     :func:`utils.gpu_tools.autocast` and its features are cast back to float32, as in :func:`encode_split`.

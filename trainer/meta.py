@@ -161,7 +161,7 @@ class MetaTrainer(BaseTrainer):
         y_s, y_q = tasks[0].y_support.to(self.device), tasks[0].y_query.to(self.device)
         timer.stop("data")
         timer.start("compute")
-        with autocast(self.device, a.amp):
+        with autocast(self.device, self.settings.amp):
             logits = self.model.forward_tasks(x[:, :n_s], y_s, x[:, n_s:], inner.steps, inner.lr,
                                               second_order=inner.second_order, loss_scale=inner.loss_scale,
                                               encoder=self.train_encoder)

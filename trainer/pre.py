@@ -117,7 +117,7 @@ class PreTrainer(BaseTrainer):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """The compute half of a step: forward, cross-entropy, backward, optimizer step.
         Returns the loss and the batch accuracy (one device sync for both)."""
-        with autocast(self.device, self.args.amp):
+        with autocast(self.device, self.settings.amp):
             logits = self.model(x, encoder=self.train_encoder)
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Device selection and the GPU speed switches (AMP, channels_last).
+"""Device selection and the speed switches: AMP (bfloat16 autocast on CUDA and the CPU), channels_last, compile.
 
 The official ``set_gpu`` only sets ``CUDA_VISIBLE_DEVICES`` and its default (``'1'``) hides the only GPU of a
 single-GPU machine. Here ``--gpu`` is applied only when given, and ``--device auto`` picks CUDA when present.
@@ -29,23 +29,107 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-_warned_no_bf16 = False
+AMP_DTYPES = ("auto", "bfloat16")
+"""``--amp_dtype``: ``auto`` = bfloat16 where the device runs it natively, else float32 (one line says so);
+``bfloat16`` = bfloat16 even where it is emulated (a CPU without avx512_bf16 / amx_bf16: slower than float32,
+for measuring the accuracy cost)."""
+
+# the CPU features with native bfloat16 arithmetic (the keys of torch.cpu.get_capabilities(), cpuinfo's flag names)
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86 (2), arm64 (2)
+
+_noted: set[str] = set()  # the one-line notes already printed in this process
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled`` (``--amp``); a no-op context otherwise. Default numerics stay
-    fp32 so results are comparable with the official code.
+def _note(key: str, line: str) -> None:
+    if key not in _noted:
+        _noted.add(key)
+        print(line, flush=True)
 
-    bf16 has fp32's exponent range, so no gradient scaler is needed (and none is kept in ``resume.pth``). fp16
-    would need a ``GradScaler``; on a GPU without bf16 ``--amp`` is therefore ignored (fp32, one warning)."""
-    global _warned_no_bf16
-    if enabled and device.type == "cuda":
+
+def amp_mode(amp: bool, amp_dtype: str = "auto") -> str:
+    """The run's precision request from ``--amp`` and ``--amp_dtype``: ``off`` | ``auto`` | ``bfloat16``."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}")
+    return amp_dtype if amp else "off"
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_flags(path: str | None = None) -> set[str]:
+    """The CPU's feature flags from ``path`` (default :data:`CPUINFO`; x86 ``flags``, arm64 ``Features``); empty if
+    unreadable."""
+    try:
+        with open(path or CPUINFO, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that runs bfloat16 natively (``avx512_bf16``, ``amx_bf16``; arm64 ``bf16``, ``sve_bf16``),
+    or ``None`` where bfloat16 would be emulated in float32 arithmetic (slower than float32, e.g. avx2 only).
+
+    Read from ``torch.cpu.get_capabilities()`` (cpuinfo, torch >= 2.8), else from ``/proc/cpuinfo``.
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not used: oneDNN also says yes on plain avx512.)"""
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+        have = {k for k, v in caps.items() if v is True}
+    except (AttributeError, RuntimeError):
+        have = _cpuinfo_flags()
+    return next((f for f in NATIVE_BF16_FEATURES if f in have), None)
+
+
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype of a run: ``torch.bfloat16``, or ``None`` for float32.
+
+    ``amp``: ``False``/``"off"`` (float32), ``True``/``"auto"`` (``--amp``: bfloat16 where native, else float32
+    with one line), ``"bfloat16"`` (``--amp --amp_dtype bfloat16``: bfloat16 even where emulated, one line on a CPU
+    without native support). On CUDA both requests give bfloat16 on a GPU with bf16 support; elsewhere float32 and
+    one warning (fp16 would need a ``GradScaler``, which is not kept). Each line is printed once per process."""
+    mode = ("auto" if amp else "off") if isinstance(amp, bool) else amp
+    if mode not in ("off",) + AMP_DTYPES:
+        raise ValueError(f"amp must be a bool or one of off, auto, bfloat16; got {amp!r}")
+    if mode == "off":
+        return None
+    if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if not _warned_no_bf16:
-            _warned_no_bf16 = True
-            print("warning: --amp needs a GPU with bf16 support; running in fp32", flush=True)
-    return contextlib.nullcontext()
+            return torch.bfloat16
+        _note("cuda", "warning: --amp needs a GPU with bf16 support; running in fp32")
+        return None
+    if device.type != "cpu":
+        _note(device.type, f"note: --amp is used on CUDA and the CPU only; running in float32 on {device.type}")
+        return None
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        _note("cpu-native", f"note: --amp: bfloat16 autocast on the CPU ({feature})")
+        return torch.bfloat16
+    if mode == "auto":
+        _note("cpu-float32", "note: --amp: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16); running in "
+              "float32 (--amp_dtype bfloat16 runs emulated bfloat16, slower)")
+        return None
+    _note("cpu-emulated", "note: --amp_dtype bfloat16: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16): "
+          "bfloat16 is emulated, slower than float32 (for measuring its accuracy, not its speed)")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool | str):
+    """bfloat16 autocast when :func:`amp_dtype` says so (``--amp``, on CUDA and the CPU); a no-op context otherwise.
+    Default numerics stay fp32 so results are comparable with the official code.
+
+    ``enabled``: a bool (``--amp``) or the :func:`amp_mode` string (``off`` | ``auto`` | ``bfloat16``).
+    bf16 has fp32's exponent range, so no gradient scaler is needed (and none is kept in ``resume.pth``). Under
+    it only the encoder (and the pre-train head) run in bfloat16: the inner loop and the query logits run in float32
+    (:meth:`models.mtl.MetaLearner.forward_tasks`), the losses are computed on float32 logits, and the parameters,
+    optimizer state and checkpoints stay float32."""
+    dt = amp_dtype(device, enabled)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dt)
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from models.bn_mode import BN_MODES
 from models.resnet_mtl import BACKBONES
+from utils.gpu_tools import AMP_DTYPES
 
 PHASES = ("pre_train", "meta_train", "meta_eval")
 DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "CIFAR-FS", "glyphs", "custom")
@@ -267,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true",
       help="start afresh in a log folder that holds an earlier run: that run is moved to <folder>.old-<time>")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (slower); CPU runs are already")
-    a("--amp", action="store_true", help="bf16 autocast on CUDA (default fp32)")
+    a("--amp", action="store_true",
+      help="bfloat16 autocast of the encoder (inner loop and losses stay float32), on CUDA and on a CPU with native "
+           "bfloat16 (avx512_bf16 / amx_bf16); on a CPU without it, one line says so and the run is float32 "
+           "(default float32)")
+    a("--amp_dtype", default="auto", choices=list(AMP_DTYPES),
+      help="with --amp: auto = bfloat16 where native, else float32; bfloat16 = bfloat16 even where the CPU emulates "
+           "it (slower than float32; to measure the accuracy cost)")
     a("--channels_last", action="store_true", help="channels_last memory format on CUDA")
     a("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     a("--eval_batch_size", type=positive_int, default=256, help="images per batch when encoding a split")

@@ -15,6 +15,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from utils.gpu_tools import amp_mode
+
 __all__ = ["InnerLoop", "EvalSettings", "RunPaths", "DataSettings", "HardTaskSettings", "Settings",
            "inner_loss_scale"]
 
@@ -56,7 +58,7 @@ class EvalSettings:
     mode: str = "bank"
     classifier: str = "finetune"
     batch_size: int = 256
-    amp: bool = False
+    amp: bool | str = False  # utils.gpu_tools.amp_mode: off | auto | bfloat16 (a bool: --amp alone)
     progress: bool = False
     flip_support: bool = False
 
@@ -156,6 +158,7 @@ class Settings:
     meta_val: EvalSettings
     test: EvalSettings
     hard: HardTaskSettings | None
+    amp: str = "off"  # --amp / --amp_dtype as utils.gpu_tools.amp_mode: off | auto | bfloat16
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -164,8 +167,9 @@ class Settings:
         # --bn_mode tf: a feature depends on its batch, so no feature bank; each episode's support and query are
         # encoded as their own batches, as in the TF graph (models/bn_mode.py)
         mode = "episodic" if getattr(args, "bn_mode", "pytorch") == "tf" else args.eval_mode
+        amp = amp_mode(args.amp, getattr(args, "amp_dtype", "auto"))
         common = dict(way=args.way, shot=args.shot, seed=args.eval_seed, mode=mode,
-                      batch_size=args.eval_batch_size, amp=args.amp, progress=not args.quiet)
+                      batch_size=args.eval_batch_size, amp=amp, progress=not args.quiet)
         val = dict(common, query=args.val_query, episodes=args.num_val_episodes)
         test_query = getattr(args, "test_query", None) or args.val_query
         return cls(
@@ -177,4 +181,4 @@ class Settings:
                               classifier=args.eval_classifier, flip_support=flip,
                               inner=InnerLoop(args.test_update_step, args.base_lr,
                                               inner_loss_scale(args.inner_loss, args.way, 2 if flip else 1))),
-            hard=HardTaskSettings.from_args(args) if args.hard_task else None)
+            hard=HardTaskSettings.from_args(args) if args.hard_task else None, amp=amp)

@@ -3,7 +3,8 @@ import json
 import os
 
 from tests.helpers import make_npz
-from tools.benchmark import RESULT_KEYS, main
+from tools.benchmark import RESULT_KEYS, SIDE_BY_SIDE, main
+from utils.gpu_tools import cpu_bf16_feature
 
 
 def test_benchmark_tiny_writes_all_keys(tmp_path):
@@ -24,11 +25,34 @@ def test_benchmark_tiny_writes_all_keys(tmp_path):
     table = (out / "benchmark.md").read_text()
     assert "backbone fraction of matmul peak" in table and "glyphs: bank speedup" in table
     assert not os.path.exists(out / "work")  # the generated data is removed
+    # fp32 and bf16 side by side in the same run (issue #16): bf16 forced, native or emulated as the CPU has it
+    assert set(saved["precisions"]) == {"fp32", "bf16"}
+    side = saved["bf16_vs_fp32"]
+    assert set(side) == {k for k, _, _ in SIDE_BY_SIDE}
+    for k, _, higher in SIDE_BY_SIDE:
+        v = side[k]
+        assert v["fp32"] > 0 and v["bf16"] > 0, k
+        assert abs(v["speedup"] - (v["bf16"] / v["fp32"] if higher else v["fp32"] / v["bf16"])) < 1e-9, k
+    assert side["pretrain_images_per_s"]["bf16"] == saved["precisions"]["bf16"]["pretrain"]["pretrain_images_per_s"]
+    assert side["meta_test_encode_images_per_s"]["fp32"] == \
+        saved["precisions"]["fp32"]["meta_test"]["encode_images_per_s"]
+    assert saved["bf16"]["emulated"] == (cpu_bf16_feature() is None)
+    assert "fp32 and bf16 side by side" in table and "| meta-test encode images/s (feature bank) |" in table
+    assert ("EMULATED" in table) == saved["bf16"]["emulated"]
+
+
+def test_bf16_info_follows_the_cpu_detection(monkeypatch):
+    import torch
+    import tools.benchmark as tb
+    monkeypatch.setattr(tb, "cpu_bf16_feature", lambda: None)
+    assert tb.bf16_info(torch.device("cpu")) == {"native_feature": None, "emulated": True}
+    monkeypatch.setattr(tb, "cpu_bf16_feature", lambda: "amx_bf16")
+    assert tb.bf16_info(torch.device("cpu")) == {"native_feature": "amx_bf16", "emulated": False}
 
 
 def test_benchmark_full_config_dry_run_on_cpu(tmp_path):
     """--full (the GPU configuration) with tiny sizes: every row (bf16, channels_last, compile) runs through its
-    code on the CPU, where autocast / channels_last / compile are no-ops."""
+    code on the CPU, where channels_last / compile are no-ops and bf16 is forced (emulated where not native)."""
     out = tmp_path / "bench"
     res = main(["--out", str(out), "--full", "--tiny", "--skip_glyphs", "--threads", "1", "--device", "cpu"])
     assert res["config"] == "gpu-full-tiny"
@@ -54,3 +78,45 @@ def test_benchmark_parts(tmp_path):
                 "--threads", "1"])
     assert "precisions" not in res and res["glyphs"]["episodes_equal"] == 2
     assert res["official_resnet25"]["val_episode_s_episodic"] > 0
+
+
+def test_bf16_pass_is_left_out_only_where_emulated_and_not_asked_for():
+    from tools.benchmark import choose_precisions
+    both = ["fp32", "bf16"]
+    assert choose_precisions(both, explicit=False, tiny=False, emulated=True) == ["fp32"]      # default BENCH, AVX2
+    assert choose_precisions(both, explicit=False, tiny=False, emulated=False) == both         # avx512_bf16 / GPU
+    assert choose_precisions(both, explicit=True, tiny=False, emulated=True) == both           # --precisions fp32,bf16
+    assert choose_precisions(both, explicit=False, tiny=True, emulated=True) == both           # --tiny dry run
+    assert choose_precisions(["fp32"], explicit=True, tiny=False, emulated=None) == ["fp32"]
+
+
+def test_precisions_flag(tmp_path):
+    import pytest
+    from tools.benchmark import parse
+    assert parse(["--precisions", "fp32,bf16,bf16"]).precisions == ["fp32", "bf16"]
+    assert parse([]).precisions is None
+    for bad in ("bf16", "fp16", "fp32,fp16"):
+        with pytest.raises(SystemExit):
+            parse(["--precisions", bad])
+
+
+def test_fp32_only_run_has_no_bf16_rows(tmp_path):
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--tiny", "--skip_glyphs", "--threads", "1", "--precisions", "fp32"])
+    assert set(res["precisions"]) == {"fp32"} and "bf16_vs_fp32" not in res and "bf16" not in res
+    assert "side by side" not in (out / "benchmark.md").read_text()
+
+
+def test_default_run_on_an_emulating_cpu_says_bf16_was_left_out(tmp_path, monkeypatch):
+    """What the default BENCH does on a CPU without native bf16 (simulated: --tiny would keep the pass)."""
+    import tools.benchmark as tb
+    monkeypatch.setattr(tb, "bf16_info", lambda device: {"native_feature": None, "emulated": True})
+    real = tb.choose_precisions
+    monkeypatch.setattr(tb, "choose_precisions",
+                        lambda wanted, explicit, tiny, emulated: real(wanted, explicit, False, emulated))
+    out = tmp_path / "bench"
+    res = main(["--out", str(out), "--tiny", "--skip_glyphs", "--threads", "1"])
+    assert set(res["precisions"]) == {"fp32"} and res["bf16"] == {"native_feature": None, "emulated": True,
+                                                                  "skipped": True}
+    assert "bf16: not run (this CPU has no native bfloat16" in (out / "benchmark.md").read_text()
+
