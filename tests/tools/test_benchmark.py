@@ -54,3 +54,24 @@ def test_benchmark_parts(tmp_path):
                 "--threads", "1"])
     assert "precisions" not in res and res["glyphs"]["episodes_equal"] == 2
     assert res["official_resnet25"]["val_episode_s_episodic"] > 0
+
+
+def test_benchmark_backbones_part(tmp_path):
+    """--parts backbones: every chosen backbone gets its parameter counts, GFLOP and two throughputs per size."""
+    import pytest
+    from models.resnet_mtl import build_backbone
+    from tools.benchmark import backbone_flops
+    res = main(["--out", str(tmp_path / "b"), "--tiny", "--parts", "backbones", "--backbones", "conv4,resnet18",
+                "--threads", "1"])
+    assert res["parts"] == ["backbones"] and list(res["backbones"]) == ["conv4", "resnet18"]
+    r18 = res["backbones"]["resnet18"]
+    assert r18["params"] == 11_176_512 and r18["out_dim"] == 512  # torchvision's resnet18 minus fc
+    assert list(r18["sizes"]) == ["16"]
+    v = r18["sizes"]["16"]
+    assert v["gflop_per_image"] == backbone_flops(build_backbone("resnet18", True), 16) / 1e9
+    assert v["forward_images_per_s"] > 0 and v["train_step_images_per_s"] > 0
+    table = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "| resnet18 | 11.18 | 1.39 | 16 |" in table and "| conv4 |" in table
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "c"), "--parts", "backbones", "--backbones", "resnet50"])
+    assert e.value.code == 2 and not (tmp_path / "c").exists()
