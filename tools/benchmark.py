@@ -478,6 +478,23 @@ def bench_backbones(b: Bench, cfg: dict, names: list[str]) -> dict[str, Any]:
     return out
 
 
+def backbone_table(names: list[str], sizes: tuple[int, ...] = (84, 32)) -> str:
+    """The registry as Markdown, no timing: per backbone its parameters (plain), SS parameters, final feature-map
+    side and forward GFLOP per image (``backbone_flops``) at each size, and the recipe it gets by default."""
+    lines = ["| backbone | params (plain) | SS params | final map " + " / ".join(f"{s}" for s in sizes) + " px | "
+             "GFLOP/image " + " / ".join(f"{s}" for s in sizes) + " px | recipe |", "|---|---|---|---|---|---|"]
+    for name in names:
+        plain, meta = build_backbone(name, mtl=False).eval(), build_backbone(name, mtl=True)
+        n = sum(p.numel() for p in plain.parameters())
+        ss = sum(p.numel() for k, p in meta.named_parameters() if "mtl_" in k)
+        with torch.no_grad():
+            maps = [plain.features(torch.zeros(1, 3, s, s)).shape[-1] for s in sizes]
+        gflop = [backbone_flops(plain, s) / 1e9 for s in sizes]
+        lines.append(f"| `{name}` | {n:,} | {ss:,} | " + " / ".join(f"{m}x{m}" for m in maps) + " | " +
+                     " / ".join(f"{g:.2f}" for g in gflop) + f" | {BACKBONES[name].recipe} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ runner
 def run(opts: argparse.Namespace) -> dict[str, Any]:
 
@@ -764,6 +781,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated parts to run: main, glyphs, official, backbones (default main,glyphs)")
     p.add_argument("--backbones", default=",".join(BACKBONES),
                    help="with --parts backbones: which registered backbones (default: all)")
+    p.add_argument("--backbone_table", action="store_true",
+                   help="print the --backbones' parameter counts, final map sizes and GFLOP at 84 and 32 px "
+                        "(no timing) and exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     opts = p.parse_args(argv)
@@ -786,6 +806,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse(sys.argv[1:] if argv is None else list(argv))
+    if opts.backbone_table:
+        table = backbone_table(opts.backbones)
+        print(table)
+        return {"backbone_table": table}
     threads = torch.get_num_threads()
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)

@@ -75,3 +75,11 @@ def test_benchmark_backbones_part(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "c"), "--parts", "backbones", "--backbones", "resnet50"])
     assert e.value.code == 2 and not (tmp_path / "c").exists()
+
+
+def test_backbone_table():
+    res = main(["--backbone_table", "--backbones", "resnet18,wrn28_10"])
+    rows = res["backbone_table"].splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| `resnet18` | 11,176,512 | 1,392,832 | 11x11 / 4x4 |")
+    assert rows[3].startswith("| `wrn28_10` | 36,472,784 | 4,280,368 | 21x21 / 8x8 |")
