@@ -32,8 +32,8 @@ Configurations:
 * ``--parts backbones``: every registered backbone (``models.resnet_mtl.BACKBONES``) on a ready random batch at
   84 and 32 px: parameters, forward GFLOP per image, eval-mode forward images/s of the meta encoder (SS convs:
   the meta-test encode) and pre-train step images/s (plain backbone + the MLP head, forward + backward + SGD);
-  ``--backbones a,b`` picks some. About 5 minutes on 2 idle CPU cores for all of them (WRN-28-10 at 84 px is
-  ~80 GFLOP per image).
+  ``--backbones a,b`` picks some. On the CPU about 6 minutes (360 s for five of them with 1 thread on a busy
+  2-core VM; WRN-28-10 at 84 px is 72 GFLOP per image). ``--backbone_table`` prints the counts and GFLOP only.
 * ``--tiny``: the same code with tiny sizes (tests, dry checks of ``--full`` without a GPU).
 
 ``backbone_fraction_of_matmul_peak`` = the backbone's forward FLOP rate (2 x the multiply-accumulates of its
