@@ -36,7 +36,8 @@ Backbones (reference §2):
   [BN -> ReLU -> conv3x3 -> BN -> ReLU -> (Dropout) -> conv3x3] at widths 160, 320, 640 with strides 1, 2, 2 (a 1x1
   shortcut conv on the pre-activated input where the width changes), then BN -> ReLU and the global pool -> 640-d.
   No conv has a bias (S2M2; FEAT's copy has biases). Module names are S2M2's (``conv1``, ``block{1,2,3}.layer.{i}.
-  {bn1,conv1,bn2,conv2,convShortcut}``, ``bn1``), so its checkpoints' feature keys load. The stem is already the
+  {bn1,conv1,bn2,conv2,convShortcut}``, ``bn1``): its checkpoints' feature keys match once their ``module.`` prefix
+  and ``linear.*`` are removed (checked against its code, not against a downloaded checkpoint). The stem is already the
   small-image one (WRN was designed for 32-px CIFAR): 84 px -> 84 -> 42 -> 21 (FEAT's ``avg_pool2d(out, 21)``),
   32 px -> 32 -> 16 -> 8. ``dropout_keep < 1`` is the WRN dropout between a block's two convs.
 """
