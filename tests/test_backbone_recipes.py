@@ -40,8 +40,9 @@ from utils.settings import Settings
 SIZE = 16
 # The torchvision ResNets and WRN-28-10 keep full resolution through a wide first stage (no stem down-sampling), so
 # per pixel they cost 2-15x the ResNet-12 (tools.benchmark --backbone_table): they run at 8 px (their smallest input
-# is 8 / 4). Their six runs took 216 s with OMP_NUM_THREADS=1 on a 2-core VM shared with other jobs (load average
-# 4.5; PROVISIONAL, to be re-measured on a quiet machine).
+# is 8 / 4). Their six runs took 216 s and 148 s in two runs (in the second, resnet25's two took 103 s), with
+# OMP_NUM_THREADS=1 on a 2-core VM shared with other jobs (load average ~4.5; PROVISIONAL, to be re-measured on a
+# quiet machine).
 SIZE_FOR = {"resnet18": 8, "resnet34": 8, "wrn28_10": 8}
 # The "pytorch" recipe's pre-train lr 0.1 is for its batch 128; at this test's batch 16 these three deeper BN nets
 # stall at chance in 12 SGD steps (measured: wrn28_10 at seed 2, train-set CE 2.7753 -> 2.7965), so they get the
