@@ -34,6 +34,11 @@ Configurations:
   meta-train episodes/s, the 600-episode meta-test (bank and per-episode), each in fp32 and bf16.
 * ``--official``: adds the official PyTorch backbone (ResNet-25 at 80 px): one per-episode validation episode
   and one first-order meta-training episode (about a minute on 2 CPU cores).
+* ``--parts backbones``: every registered backbone (``models.resnet_mtl.BACKBONES``) on a ready random batch at
+  84 and 32 px: parameters, forward GFLOP per image, eval-mode forward images/s of the meta encoder (SS convs:
+  the meta-test encode) and pre-train step images/s (plain backbone + the MLP head, forward + backward + SGD);
+  ``--backbones a,b`` picks some. On the CPU about 6 minutes (360 s for five of them with 1 thread on a busy
+  2-core VM; WRN-28-10 at 84 px is 72 GFLOP per image). ``--backbone_table`` prints the counts and GFLOP only.
 * ``--tiny``: the same code with tiny sizes (tests, dry checks of ``--full`` without a GPU).
 
 ``backbone_fraction_of_matmul_peak`` = the backbone's forward FLOP rate (2 x the multiply-accumulates of its
@@ -55,14 +60,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import run_experiment
 from data_generator.dataset_loader import load_split
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
-from models.mtl import MetaLearner
-from models.resnet_mtl import build_backbone
+from models.mtl import MetaLearner, PreLearner
+from models.resnet_mtl import BACKBONES, build_backbone, min_image_size
 from trainer.base import DataBundle
 from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
 from trainer.meta import MetaTrainer, load_for_eval
@@ -95,12 +101,15 @@ CPU_DEFAULT: dict[str, Any] = {
     "precisions": ["fp32", "bf16"], "channels_last_row": False, "compile_row": False,
     "official": {"backbone": "resnet25", "image_size": 80, "update_step": 100, "base_lr": 0.01},
     "mini_test_images": 12000,
+    # --parts backbones: every registered backbone at these sizes, on a ready batch
+    "backbones": {"sizes": [84, 32], "batch": 4, "warmup": 1, "reps": 2},
 }
 GPU_FULL: dict[str, Any] = dict(
     CPU_DEFAULT, name="gpu-full", data="npz", train_query=15, train_classes=64, train_per_class=600, val_classes=16,
     test_classes=20, eval_per_class=600, pre_batch=128, pre_warmup=5, pre_reps=20, loader_reps=30,
     meta_warmup=3, meta_reps=10, episodic_episodes=100, fwd_batch=256, fwd_reps=10, matmul_n=8192,
-    matmul_reps=10, glyph_episodic=600, precisions=["fp32", "bf16"], channels_last_row=True, compile_row=True)
+    matmul_reps=10, glyph_episodic=600, precisions=["fp32", "bf16"], channels_last_row=True, compile_row=True,
+    backbones={"sizes": [84, 32], "batch": 64, "warmup": 2, "reps": 5})
 TINY: dict[str, Any] = {
     "backbone": "resnet12_slim", "image_size": 16, "train_classes": 6, "train_per_class": 8, "val_classes": 5,
     "test_classes": 5, "eval_per_class": 4, "pre_batch": 4, "pre_warmup": 1, "pre_reps": 2, "loader_reps": 3,
@@ -110,6 +119,7 @@ TINY: dict[str, Any] = {
     "glyph_pretrain_steps": 2,
     "official": {"backbone": "resnet25", "image_size": 16, "update_step": 5, "base_lr": 0.01},
     "mini_test_images": 12000,
+    "backbones": {"sizes": [16], "batch": 2, "warmup": 0, "reps": 1},
 }
 
 
@@ -436,6 +446,63 @@ def bench_official(b: Bench, cfg: dict, log_root: str) -> dict[str, Any]:
             "gflop_per_image": backbone_flops(model.encoder, o["image_size"]) / 1e9}
 
 
+def bench_backbones(b: Bench, cfg: dict, names: list[str]) -> dict[str, Any]:
+    """Per backbone: parameters (plain; SS on top), and at each size of ``cfg["backbones"]["sizes"]`` (those the
+    backbone accepts) the forward GFLOP per image, the eval-mode forward images/s of the meta encoder (SS convs, as
+    the meta-test encodes) and the pre-train step images/s of ``PreLearner`` (plain backbone + MLP head over 64
+    classes, as the pytorch recipe pre-trains: forward, cross-entropy, backward, SGD step) on a ready batch."""
+    o = cfg["backbones"]
+    out: dict[str, Any] = {}
+    for name in names:
+        torch.manual_seed(0)
+        meta = build_backbone(name, mtl=True).to(b.device)
+        pre = PreLearner(name, num_classes=64).to(b.device).train()
+        opt = torch.optim.SGD(pre.parameters(), lr=0.01, momentum=0.9)
+        row: dict[str, Any] = {"params": sum(p.numel() for p in pre.encoder.parameters()),
+                               "ss_params": sum(p.numel() for n, p in meta.named_parameters() if "mtl_" in n),
+                               "out_dim": meta.out_dim, "sizes": {}}
+        g = torch.Generator().manual_seed(0)
+        for size in o["sizes"]:
+            if size < min_image_size(name):
+                continue
+            x = torch.randn(o["batch"], 3, size, size, generator=g).to(b.device)
+            y = torch.randint(0, 64, (o["batch"],), generator=g).to(b.device)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(pre(x), y).backward()
+                opt.step()
+
+            fwd = bench_forward(b, meta, size, o["batch"], o["reps"])
+            st = b.time(step, o["reps"], warmup=o["warmup"])
+            row["sizes"][str(size)] = {"gflop_per_image": backbone_flops(meta, size) / 1e9,
+                                       "forward_images_per_s": fwd["images_per_s"],
+                                       "train_step_images_per_s": o["batch"] / st["median_s"],
+                                       "forward": fwd, "train_step": st}
+            r = row["sizes"][str(size)]
+            b.log(f"backbone {name} @ {size}px: {r['gflop_per_image']:.2f} GFLOP/image, forward "
+                  f"{r['forward_images_per_s']:.1f} img/s, pre-train step {r['train_step_images_per_s']:.1f} img/s")
+        out[name] = row
+    return out
+
+
+def backbone_table(names: list[str], sizes: tuple[int, ...] = (84, 32)) -> str:
+    """The registry as Markdown, no timing: per backbone its parameters (plain), SS parameters, final feature-map
+    side and forward GFLOP per image (``backbone_flops``) at each size, and the recipe it gets by default."""
+    lines = ["| backbone | params (plain) | SS params | final map " + " / ".join(f"{s}" for s in sizes) + " px | "
+             "GFLOP/image " + " / ".join(f"{s}" for s in sizes) + " px | recipe |", "|---|---|---|---|---|---|"]
+    for name in names:
+        plain, meta = build_backbone(name, mtl=False).eval(), build_backbone(name, mtl=True)
+        n = sum(p.numel() for p in plain.parameters())
+        ss = sum(p.numel() for k, p in meta.named_parameters() if "mtl_" in k)
+        with torch.no_grad():
+            maps = [plain.features(torch.zeros(1, 3, s, s)).shape[-1] for s in sizes]
+        gflop = [backbone_flops(plain, s) / 1e9 for s in sizes]
+        lines.append(f"| `{name}` | {n:,} | {ss:,} | " + " / ".join(f"{m}x{m}" for m in maps) + " | " +
+                     " / ".join(f"{g:.2f}" for g in gflop) + f" | {BACKBONES[name].recipe} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ runner
 def run(opts: argparse.Namespace) -> dict[str, Any]:
 
@@ -511,6 +578,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         b.log(f"official ResNet-25 @ {o['image_size']}px: per-episode val {o['val_episode_s_episodic']:.1f} s, "
               f"bank (miniImageNet-size estimate) {o['val_episode_s_bank_est_miniimagenet']:.2f} s/episode, "
               f"first-order train episode {o['meta_train_s_per_episode_first_order']:.1f} s")
+
+    if "backbones" in parts:
+        res["backbones"] = bench_backbones(b, cfg, opts.backbones)
 
     res["peak_rss_mb"] = peak_rss_mb()
     res["loadavg_end"] = list(os.getloadavg())
@@ -720,7 +790,19 @@ def format_table(r: dict[str, Any]) -> str:
                   f"{s['mini_test_images']}-image split)", o["val_episode_s_bank_est_miniimagenet"]),
                  (f"official {o['backbone']}: meta-train s/episode, first order ({o['inner_steps']} steps)",
                   o["meta_train_s_per_episode_first_order"])]
-    lines += ["| measurement | value |", "|---|---|"] + [f"| {k} | {_f(v)} |" for k, v in rows]
+    if rows:
+        lines += ["| measurement | value |", "|---|---|"] + [f"| {k} | {_f(v)} |" for k, v in rows]
+    if r.get("backbones"):
+        bb = s["backbones"]
+        lines += ([""] if lines[-1] else []) + [f"Backbones on a ready random batch of {bb['batch']} (fp32; forward = eval-mode meta encoder "
+                      "with SS convs; pre-train step = plain backbone + MLP head, forward + backward + SGD):", "",
+                  "| backbone | params (M) | SS params (M) | px | GFLOP/image | forward img/s | pre-train step img/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in r["backbones"].items():
+            for size, v in row["sizes"].items():
+                lines.append(f"| {name} | {row['params'] / 1e6:.2f} | {row['ss_params'] / 1e6:.2f} | {size} | "
+                             f"{_f(v['gflop_per_image'])} | {_f(v['forward_images_per_s'], 1)} | "
+                             f"{_f(v['train_step_images_per_s'], 1)} |")
     if "precisions" in r and (len(r["precisions"]) > 1 or r["device"].startswith("cuda")):
         lines += ["", "| precision | pre-train img/s | loader img/s | meta-train FO episodes/s | "
                       "meta-train SO episodes/s | meta-test 600 bank s (est.) | meta-test 600 per-episode s (est.) |",
@@ -769,7 +851,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "0 = the same as the rest)")
     p.add_argument("--skip_glyphs", action="store_true", help="leave out the glyph comparison")
     p.add_argument("--parts", default="main,glyphs",
-                   help="comma-separated parts to run: main, glyphs, official (default main,glyphs)")
+                   help="comma-separated parts to run: main, glyphs, official, backbones (default main,glyphs)")
+    p.add_argument("--backbones", default=",".join(BACKBONES),
+                   help="with --parts backbones: which registered backbones (default: all)")
+    p.add_argument("--backbone_table", action="store_true",
+                   help="print the --backbones' parameter counts, final map sizes and GFLOP at 84 and 32 px "
+                        "(no timing) and exit")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precisions", default=None,
                    help="comma-separated precisions of the main configuration: fp32, bf16 (default both, side by "
@@ -778,9 +865,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     opts = p.parse_args(argv)
     opts.argv = list(argv)
     parts = [x for x in opts.parts.split(",") if x]
-    bad = [x for x in parts if x not in ("main", "glyphs", "official")]
+    bad = [x for x in parts if x not in ("main", "glyphs", "official", "backbones")]
     if bad:
-        p.error(f"unknown part(s) {', '.join(bad)}; choose from main, glyphs, official")
+        p.error(f"unknown part(s) {', '.join(bad)}; choose from main, glyphs, official, backbones")
+    opts.backbones = [x for x in opts.backbones.split(",") if x]
+    bad = [x for x in opts.backbones if x not in BACKBONES]
+    if bad or not opts.backbones:
+        p.error(f"--backbones: unknown backbone(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(BACKBONES)}")
     if opts.precisions is not None:
         opts.precisions = [x for x in opts.precisions.split(",") if x]
         if "fp32" not in opts.precisions or any(x not in ("fp32", "bf16") for x in opts.precisions):
@@ -796,6 +887,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse(sys.argv[1:] if argv is None else list(argv))
+    if opts.backbone_table:
+        table = backbone_table(opts.backbones)
+        print(table)
+        return {"backbone_table": table}
     threads = torch.get_num_threads()
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)

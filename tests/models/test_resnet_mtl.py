@@ -6,7 +6,8 @@ from models.conv2d_mtl import Conv2dMtl
 from models.resnet_mtl import BACKBONES, build_backbone, min_image_size
 from tests.helpers import assert_close_f64
 
-OUT_DIM = {"resnet12": 512, "resnet12_wide": 640, "resnet12_slim": 256, "resnet25": 640, "conv4": 64}
+OUT_DIM = {"resnet12": 512, "resnet12_wide": 640, "resnet12_slim": 256, "resnet25": 640, "conv4": 64,
+           "resnet18": 512, "resnet34": 512, "wrn28_10": 640}
 
 
 @pytest.mark.parametrize("name", sorted(OUT_DIM))
@@ -25,6 +26,10 @@ def test_output_shape_and_conv_class(name, mtl):
     assert convs and all(isinstance(m, Conv2dMtl) == mtl for m in convs)
     with pytest.raises(ValueError):
         net(torch.randn(2, 3, s - 1, s - 1))
+
+
+def test_every_registered_backbone_is_covered():
+    assert set(OUT_DIM) == set(BACKBONES)
 
 
 def test_unknown_name():

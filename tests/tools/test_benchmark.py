@@ -120,3 +120,30 @@ def test_default_run_on_an_emulating_cpu_says_bf16_was_left_out(tmp_path, monkey
                                                                   "skipped": True}
     assert "bf16: not run (this CPU has no native bfloat16" in (out / "benchmark.md").read_text()
 
+def test_benchmark_backbones_part(tmp_path):
+    """--parts backbones: every chosen backbone gets its parameter counts, GFLOP and two throughputs per size."""
+    import pytest
+    from models.resnet_mtl import build_backbone
+    from tools.benchmark import backbone_flops
+    res = main(["--out", str(tmp_path / "b"), "--tiny", "--parts", "backbones", "--backbones", "conv4,resnet18",
+                "--threads", "1"])
+    assert res["parts"] == ["backbones"] and list(res["backbones"]) == ["conv4", "resnet18"]
+    r18 = res["backbones"]["resnet18"]
+    assert r18["params"] == 11_176_512 and r18["out_dim"] == 512  # torchvision's resnet18 minus fc
+    assert list(r18["sizes"]) == ["16"]
+    v = r18["sizes"]["16"]
+    assert v["gflop_per_image"] == backbone_flops(build_backbone("resnet18", True), 16) / 1e9
+    assert v["forward_images_per_s"] > 0 and v["train_step_images_per_s"] > 0
+    table = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "| resnet18 | 11.18 | 1.39 | 16 |" in table and "| conv4 |" in table
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "c"), "--parts", "backbones", "--backbones", "resnet50"])
+    assert e.value.code == 2 and not (tmp_path / "c").exists()
+
+
+def test_backbone_table():
+    res = main(["--backbone_table", "--backbones", "resnet18,wrn28_10"])
+    rows = res["backbone_table"].splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| `resnet18` | 11,176,512 | 1,392,832 | 11x11 / 4x4 |")
+    assert rows[3].startswith("| `wrn28_10` | 36,472,784 | 4,280,368 | 21x21 / 8x8 |")
