@@ -25,6 +25,28 @@ def validate_args(args) -> None:
               flush=True)
 
 
+def join_processes(args, device):
+    """Under torchrun: join the process group (``utils.distributed``), put this rank on its GPU, silence the
+    standard output of ranks other than 0 (their errors still reach stderr), and record the world size (and
+    pre-train's global batch) in the settings that ``args.json`` and the checkpoints store. Returns the device."""
+    import os
+
+    import torch
+
+    from utils import distributed
+    d = distributed.init_from_env(device.type, args.dist_timeout)
+    args.world_size = d.world
+    if args.phase == "pre_train":
+        args.pre_global_batch = args.pre_batch_size * d.world
+    if d.world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+        if not distributed.is_main():
+            args.quiet = True
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> dict | str:
     from utils.options import describe_recipe, parse_args
     args = parse_args(argv)
@@ -37,11 +59,20 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
     validate_args(args)
     device = pick_device(args.device)
+    from utils import distributed
+    device = join_processes(args, device)
     if not (args.resume and args.seed == 0 and args.phase != "meta_eval"):
         args.seed = resolve_seed(args.seed)  # (--resume with --seed 0 takes the seed stored in resume.pth)
+    args.seed = distributed.broadcast_object(args.seed)  # every rank draws the same tasks (rank 0's seed)
     seed_everything(args.seed, args.deterministic)
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
+    if distributed.active():
+        d = distributed.info()
+        batch = (f"; pre-train global batch {args.pre_global_batch} = --pre_batch_size {args.pre_batch_size} x "
+                 f"{d.world}" if args.phase == "pre_train" else "")
+        print(f"torchrun: {d.world} processes ({d.backend}, --dist_timeout {d.timeout_s:g} s); rank 0 writes the "
+              f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
     from utils.settings import Settings
     settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
@@ -56,8 +87,12 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    from utils.distributed import PeerError, shutdown
     try:
         main(argv)
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -75,6 +110,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             return 3
         raise
+    finally:
+        shutdown()
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
+from utils import distributed
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
@@ -207,8 +209,9 @@ class BaseTrainer:
             if old[k] != getattr(self.args, k):
                 raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
                                 f"not {getattr(self.args, k)}; use the same settings or another log folder")
-        for name in os.listdir(self.log_dir):  # half-written temporaries of a killed run (save_atomic)
-            if name.startswith(".tmp_"):
+        self.check_resume(old)
+        for name in os.listdir(self.log_dir) if distributed.is_main() else ():  # half-written temporaries of a
+            if name.startswith(".tmp_"):                                      # killed run (save_atomic)
                 os.unlink(os.path.join(self.log_dir, name))
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
@@ -224,6 +227,9 @@ class BaseTrainer:
                   "epoch validates better", flush=True)
         print(f"resuming {self.log_dir} after epoch {st['epoch']} (best val {100 * self.best_acc:.2f}% "
               f"at epoch {self.best_epoch})", flush=True)
+
+    def check_resume(self, old: dict[str, Any]) -> None:
+        """Phase-specific resume checks on the stored settings ``old`` (after the common ones)."""
 
     def _tensorboard(self) -> "ScalarEvents | None":
         """The TensorBoard log ``<log_dir>/tb`` (the scalars of ``trlog.json``, one point per epoch), or ``None``
@@ -242,17 +248,22 @@ class BaseTrainer:
         have been checked until it ends, whichever way it ends; a folder that already holds a run is continued
         (``--resume``), moved aside (``--overwrite``) or left alone with a one-line error."""
         a = self.args
-        ensure_writable(self.log_dir)
+        distributed.on_main(lambda: ensure_writable(self.log_dir))
         self.build()
-        with RunLock(self.log_dir):
-            if not a.resume and holds_run(self.log_dir):
-                if not a.overwrite:
-                    raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it with "
-                                    "--resume, or start afresh with --overwrite (the earlier run is moved to "
-                                    f"{self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
-                print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
-                      flush=True)
-            self.start_fresh()
+        with ExitStack() as held:  # under torchrun rank 0 holds the lock and writes; the others only compute
+
+            def claim() -> None:
+                held.enter_context(RunLock(self.log_dir))
+                if not a.resume and holds_run(self.log_dir):
+                    if not a.overwrite:
+                        raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it "
+                                        "with --resume, or start afresh with --overwrite (the earlier run is moved "
+                                        f"to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
+                    print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
+                          flush=True)
+                self.start_fresh()
+
+            distributed.on_main(claim)
             if a.resume:
                 self.load_resume()
             return self._epochs()
@@ -276,26 +287,30 @@ class BaseTrainer:
             t1 = time.perf_counter()
             val_acc, val_ci = self.validate(epoch)
             t2 = time.perf_counter()
+            main = distributed.is_main()  # (every rank keeps the same record; rank 0 alone writes it)
             if val_acc > self.best_acc:
                 self.best_acc, self.best_epoch = val_acc, epoch
-                save_atomic(self.checkpoint(epoch, val_acc), best_path)
-            if self.kind == "pre" and epoch % a.pre_save_every == 0:
+                if main:
+                    save_atomic(self.checkpoint(epoch, val_acc), best_path)
+            if main and self.kind == "pre" and epoch % a.pre_save_every == 0:
                 save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, f"epoch{epoch}.pth"))
             record = {"epoch": epoch, **lrs, **stats, "val_acc": val_acc, "val_ci95": val_ci,
                       "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
                       "train_time": t1 - t0, "val_time": t2 - t1}
             self.trlog.append(record)
-            if writer is None:
-                writer = self._tensorboard()
-            if writer is not None:
-                writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
-                                     if k != "epoch" and isinstance(v, (int, float))})
-            save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
-            write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
-            write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
-            # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
-            # files above (one epoch ahead at most) are rewritten with the same content.
-            save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
+            if main:
+                if writer is None:
+                    writer = self._tensorboard()
+                if writer is not None:
+                    writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
+                                         if k != "epoch" and isinstance(v, (int, float))})
+                save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
+                write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
+                write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
+                # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
+                # files above (one epoch ahead at most) are rewritten with the same content.
+                save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
+            distributed.barrier()  # no rank starts the next epoch before the commit point is on disk
             print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "
                   f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "

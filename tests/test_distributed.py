@@ -1,0 +1,282 @@
+"""torchrun on CPU (gloo): 2 processes against 1 on the same seed and data (issue 13).
+
+Every run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2 main.py ...`` (or ``main.py``
+alone) subprocess on a tiny ``.npz`` (10/6/6 classes of 20 images, conv4 at 16 px), one thread per process.
+
+Tolerances, and why. The two runs compute the same sums in a different order (a meta-batch's task gradients summed
+per rank and then across ranks; BN running statistics composed rank by rank, ``utils.distributed``; pre-train:
+the BN statistics and the weight gradients of the global batch as sums of per-rank sums), so they agree to float32
+rounding at each step, and the optimizer turns that into:
+
+* **Weights**: Adam moves an element by at most ``c * lr`` per step, ``c = (1 - beta1) / sqrt(1 - beta2) = 3.16``
+  for the default betas (Kingma & Ba 2015, Sec. 2.1), so two runs that differ only by rounding are within
+  ``B = 2 c * sum of the step sizes`` everywhere. That bound is reached, not only allowed: a convolution's bias
+  followed by BatchNorm has a true gradient of exactly zero (BN removes any per-channel shift), so its float32
+  gradient is rounding noise that Adam normalises to lr-sized steps in one process as well (``mtl_bias`` of the SS
+  convs, measured ~1e-4 apart after 9 steps). Every other parameter has a real gradient and stays far inside:
+  we require ``B / 100`` (measured ~1e-8).
+* **Logged losses and accuracies**: BN in train mode cancels those biases, so the training forward passes see
+  only the rounding differences of the other parameters: losses within ``rtol 1e-5`` (measured ~3e-8), training
+  accuracies equal (a count changes only if two logits tie to within rounding). Validation runs BN in eval mode,
+  where the running mean does not cancel the noise-driven biases, and the barely trained conv4 has near-tied
+  logits: a validation accuracy may differ by up to 2 of its queries (measured: 1 of 90, in one epoch); the
+  ResNet-12 family has no conv bias ahead of BN, so this does not arise there.
+* **Meta-test**: the same checkpoint, the same episodes; each rank encodes whole batches of the single-process run
+  and scores a block of the episodes: the accuracies are identical, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_npz
+from tests.trainer.test_resume import assert_same_checkpoint, tb_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ADAM_C = 0.1 / 0.001 ** 0.5  # (1 - beta1) / sqrt(1 - beta2), torch's default betas
+EPOCHS, NUM_BATCH, META_LR1 = 2, 3, 1e-3
+META_DIR = "meta/custom_conv4_3way1shot_HT_exp1"
+PRE_DIR = "pre/custom_conv4"
+
+
+def meta_flags(npz: str, root: Path) -> list[str]:
+    return ["--phase", "meta_train", "--dataset", "custom", "--dataset_dir", npz, "--backbone", "conv4",
+            "--image_size", "16", "--preprocess", "paper", "--init_weights", "scratch", "--max_epoch", str(EPOCHS),
+            "--num_batch", str(NUM_BATCH), "--meta_batch_size", "3", "--way", "3", "--shot", "1",
+            "--train_query", "3", "--val_query", "3", "--num_val_episodes", "10", "--update_step", "3",
+            "--meta_lr1", str(META_LR1), "--hard_task", "--seed", "5", "--quiet", "--device", "cpu",
+            "--cache_dir", "none", "--log_root", str(root)]
+
+
+def launch(flags: list[str], nproc: int, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return subprocess.Popen(cmd + [str(ROOT / "main.py")] + flags, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> str:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def trlog(d: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if "time" not in k} for r in json.loads((d / "trlog.json").read_text())]
+
+
+def assert_logs_agree(a: list[dict], b: list[dict], val_queries: int) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if "loss" in k:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5), k
+            elif k in ("val_acc", "best_val_acc", "val_ci95", "best_epoch"):
+                if k in ("val_acc", "best_val_acc"):  # eval-mode BN sees the noise-driven biases (docstring)
+                    assert abs(rb[k] - ra[k]) <= 2 / val_queries + 1e-6, k
+            else:
+                assert rb[k] == ra[k], k
+
+
+def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_lr: float) -> None:
+    bound = 2 * ADAM_C * adam_steps_lr
+    a, b = torch.load(p1, weights_only=True), torch.load(p2, weights_only=True)
+    worst_real = 0.0
+    for part in parts:
+        assert a[part].keys() == b[part].keys()
+        for k, v in a[part].items():
+            if not v.is_floating_point():
+                assert torch.equal(v, b[part][k]), k
+                continue
+            d = (v - b[part][k]).abs().max().item()
+            assert d <= bound, (k, d, bound)
+            if not k.endswith(("mtl_bias", "running_mean", "running_var")) and not (
+                    part == "encoder" and k.endswith(".0.bias")):  # conv biases ahead of BN: gradient 0 + noise
+                worst_real = max(worst_real, d)
+    assert worst_real <= bound / 100, (worst_real, bound)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc), children first."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        top = todo.pop()
+        kids = [c for c, p in parent.items() if p == top]
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> str:
+    return make_npz(str(tmp_path_factory.mktemp("data") / "d.npz"), per_class=20, classes=(10, 6, 6))
+
+
+@pytest.fixture(scope="module")
+def meta_runs(npz, tmp_path_factory):
+    """Meta-train: 1 process, 2 processes, and 2 processes killed (SIGKILL to the whole torchrun group) after
+    epoch 1 and resumed under torchrun."""
+    base = tmp_path_factory.mktemp("meta")
+    one = launch(meta_flags(npz, base / "one"), 1)
+    two = launch(meta_flags(npz, base / "two"), 2)
+    victim = launch(meta_flags(npz, base / "killed"), 2)
+    resume_pth = base / "killed" / META_DIR / "resume.pth"
+    deadline = time.monotonic() + 180
+    while not resume_pth.exists():
+        assert victim.poll() is None, victim.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no resume.pth after 180 s"
+        time.sleep(0.01)
+    for pid in descendants(victim.pid) + [victim.pid]:  # the workers and the torchrun agent, all at once
+        os.kill(pid, signal.SIGKILL)
+    victim.communicate(timeout=60)
+    killed_at = torch.load(resume_pth, weights_only=True)["epoch"]
+    out = {"one": finish(one), "two": finish(two)}
+    out["resumed"] = finish(launch(meta_flags(npz, base / "killed") + ["--resume"], 2))
+    return base, out, killed_at
+
+
+def test_meta_train_two_processes_agree_with_one(meta_runs):
+    base, out, _ = meta_runs
+    one, two = base / "one" / META_DIR, base / "two" / META_DIR
+    assert "torchrun: 2 processes (gloo" in out["two"] and "torchrun" not in out["one"]
+    assert_logs_agree(trlog(one), trlog(two), val_queries=10 * 3 * 3)
+    steps = EPOCHS * NUM_BATCH * 2  # one update per meta-batch and one per hard task (--ht_update separate)
+    assert_weights_agree(one / "last.pth", two / "last.pth", ("encoder", "base_learner"), steps * META_LR1)
+    # the hard tasks: the same failure classes gathered from both ranks, the same hard tasks drawn
+    assert (one / "hard_tasks.jsonl").read_text() == (two / "hard_tasks.jsonl").read_text()
+    assert len((two / "hard_tasks.jsonl").read_text().splitlines()) == EPOCHS * NUM_BATCH
+    args = json.loads((two / "args.json").read_text())
+    assert args["world_size"] == 2 and json.loads((one / "args.json").read_text())["world_size"] == 1
+
+
+def test_rank_0_alone_writes_one_copy_of_each_file(meta_runs):
+    base, _, _ = meta_runs
+    two = base / "two" / META_DIR
+    names = sorted(p.name for p in two.iterdir())
+    assert names == ["args.json", "hard_tasks.jsonl", "last.pth", "max_acc.pth", "resume.pth", "tb",
+                     "trlog.json"], names
+    assert len(list((two / "tb").iterdir())) == 1  # one TensorBoard file, from rank 0
+    files = lambda root: sorted(str(p.relative_to(root).parent / ("events" if "tfevents" in p.name else p.name))  # noqa: E731
+                                for p in root.rglob("*") if p.is_file())
+    assert files(base / "two") == files(base / "one")
+
+
+def test_killed_torchrun_run_resumes_to_the_uninterrupted_one(meta_runs):
+    base, out, killed_at = meta_runs
+    assert 1 <= killed_at < EPOCHS
+    a, b = base / "two" / META_DIR, base / "killed" / META_DIR
+    assert f"resuming {b} after epoch {killed_at}" in out["resumed"]
+    assert trlog(a) == trlog(b)
+    for f in ("last.pth", "max_acc.pth"):
+        assert_same_checkpoint(a / f, b / f)
+    assert (a / "hard_tasks.jsonl").read_text() == (b / "hard_tasks.jsonl").read_text()
+    assert [s for s, _ in tb_scalars(b)["meta/val_acc"]] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.parametrize("mode", ["bank", "episodic"])
+def test_meta_test_accuracies_identical(npz, meta_runs, mode):
+    base, _, _ = meta_runs
+    ck = (base / "one" / META_DIR / "max_acc.pth").read_bytes()
+    res = {}
+    for n in (1, 2):
+        d = base / f"eval{n}{mode}"
+        d.mkdir()
+        (d / "max_acc.pth").write_bytes(ck)  # results.json is written next to the checkpoint
+        f = meta_flags(npz, d)
+        f[f.index("--phase") + 1] = "meta_eval"
+        out = finish(launch(f + ["--eval_weights", str(d / "max_acc.pth"), "--num_test_episodes", "25",
+                                 "--eval_mode", mode], n))
+        assert out.count("test accuracy:") == 1
+        res[n] = json.loads((d / "results.json").read_text())
+        assert sorted(p.name for p in d.iterdir()) == ["max_acc.pth", "results.json"]
+    assert res[1]["episodes"] == res[2]["episodes"] == 25
+    assert (res[1]["mean"], res[1]["ci95"]) == (res[2]["mean"], res[2]["ci95"])
+    assert res[2]["settings"]["world_size"] == 2
+
+
+def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
+    return ["--phase", "pre_train", "--dataset", "custom", "--dataset_dir", npz, "--backbone", "conv4",
+            "--image_size", "16", "--preprocess", "paper", "--pre_max_epoch", "2", "--pre_batch_size", str(batch),
+            "--pre_head", "linear", "--pre_optimizer", "adam", "--pre_lr", "0.002", "--pre_augment", "off",
+            "--sync_bn", "--num_val_episodes", "10", "--pre_val_update_step", "5", "--seed", "5", "--quiet",
+            "--device", "cpu", "--cache_dir", "none", "--log_root", str(root)]
+
+
+def test_pre_train_same_global_batch_agrees(npz, tmp_path):
+    """Global batch 32: 1 process x 32 against 2 x 16 (200 images: 7 steps an epoch, the last one of 8 images),
+    with --sync_bn (BN statistics of the global batch) and no augmentation (its draws are per shard)."""
+    one = launch(pre_flags(npz, tmp_path / "one", 32), 1)
+    two = launch(pre_flags(npz, tmp_path / "two", 16), 2)
+    out_two, _ = finish(two), finish(one)
+    assert "pre-train global batch 32 = --pre_batch_size 16 x 2" in out_two
+    a, b = tmp_path / "one" / PRE_DIR, tmp_path / "two" / PRE_DIR
+    assert_logs_agree(trlog(a), trlog(b), val_queries=10 * 5 * 15)
+    assert json.loads((b / "args.json").read_text())["pre_global_batch"] == 32
+    assert_weights_agree(a / "last.pth", b / "last.pth", ("encoder", "pre_fc"), 2 * 7 * 0.002)
+
+    # pre-train resumes on the same number of processes only (E63)
+    p = launch(pre_flags(npz, tmp_path / "two", 16) + ["--resume", "--pre_max_epoch", "3"], 1)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert f"error: --resume: the pre-train run in {b} ran on 2 process(es) (global batch 32), not 1; resume it " \
+           "with torchrun --nproc_per_node=2 (or python main.py for 1)" in err
+
+
+def test_a_dying_rank_ends_the_run_with_a_message(npz, tmp_path):
+    """Two ranks started by hand (no torchrun agent to clean up); rank 1 is killed mid-run: rank 0 stops with one
+    error line and status 4 within a bounded time instead of waiting forever."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = meta_flags(npz, tmp_path) + ["--max_epoch", "50", "--dist_timeout", "30"]
+    procs = []
+    for r in (0, 1):
+        env = dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "main.py")] + flags, cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / META_DIR / "resume.pth").exists():
+        assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[1].kill()
+    procs[1].wait(timeout=30)
+    t0 = time.monotonic()
+    _, err = procs[0].communicate(timeout=90)
+    assert time.monotonic() - t0 < 60
+    assert procs[0].returncode == 4, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "another rank died, hung for more than --dist_timeout 30 s" in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / META_DIR / ".lock").exists()  # rank 0 released the run lock
+
+
+def test_shard_range_covers_in_order():
+    from utils.distributed import shard_range
+    for n in (0, 1, 5, 7, 600):
+        for w in (1, 2, 3, 4):
+            blocks = [shard_range(n, r, w) for r in range(w)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == n
+            assert all(blocks[i][1] == blocks[i + 1][0] for i in range(w - 1))
+            assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1
+    assert np.array_equal(np.arange(7)[slice(*shard_range(7, 1, 2))], [4, 5, 6])
