@@ -71,6 +71,18 @@ def finish(p: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
+def in_process(flags: list[str]) -> str:
+    """One process, in this one (no interpreter start-up; the torchrun runs go on meanwhile). Returns stdout."""
+    import contextlib
+    import io
+
+    import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main.cli(flags) == 0
+    return buf.getvalue()
+
+
 def trlog(d: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k} for r in json.loads((d / "trlog.json").read_text())]
 
@@ -135,7 +147,6 @@ def meta_runs(npz, tmp_path_factory):
     """Meta-train: 1 process, 2 processes, and 2 processes killed (SIGKILL to the whole torchrun group) after
     epoch 1 and resumed under torchrun."""
     base = tmp_path_factory.mktemp("meta")
-    one = launch(meta_flags(npz, base / "one"), 1)
     two = launch(meta_flags(npz, base / "two"), 2)
     victim = launch(meta_flags(npz, base / "killed"), 2)
     resume_pth = base / "killed" / META_DIR / "resume.pth"
@@ -148,7 +159,7 @@ def meta_runs(npz, tmp_path_factory):
         os.kill(pid, signal.SIGKILL)
     victim.communicate(timeout=60)
     killed_at = torch.load(resume_pth, weights_only=True)["epoch"]
-    out = {"one": finish(one), "two": finish(two)}
+    out = {"one": in_process(meta_flags(npz, base / "one")), "two": finish(two)}
     out["resumed"] = finish(launch(meta_flags(npz, base / "killed") + ["--resume"], 2))
     return base, out, killed_at
 
@@ -191,25 +202,29 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_one(meta_runs):
     assert [s for s, _ in tb_scalars(b)["meta/val_acc"]] == list(range(1, EPOCHS + 1))
 
 
-@pytest.mark.parametrize("mode", ["bank", "episodic"])
-def test_meta_test_accuracies_identical(npz, meta_runs, mode):
+def test_meta_test_accuracies_identical(npz, meta_runs):
+    """Both evaluation paths (bank, episodic), 1 process against 2, on the meta-trained checkpoint."""
     base, _, _ = meta_runs
     ck = (base / "one" / META_DIR / "max_acc.pth").read_bytes()
-    res = {}
-    for n in (1, 2):
+
+    def flags(n: int, mode: str) -> list[str]:
         d = base / f"eval{n}{mode}"
         d.mkdir()
         (d / "max_acc.pth").write_bytes(ck)  # results.json is written next to the checkpoint
         f = meta_flags(npz, d)
         f[f.index("--phase") + 1] = "meta_eval"
-        out = finish(launch(f + ["--eval_weights", str(d / "max_acc.pth"), "--num_test_episodes", "25",
-                                 "--eval_mode", mode], n))
-        assert out.count("test accuracy:") == 1
-        res[n] = json.loads((d / "results.json").read_text())
-        assert sorted(p.name for p in d.iterdir()) == ["max_acc.pth", "results.json"]
-    assert res[1]["episodes"] == res[2]["episodes"] == 25
-    assert (res[1]["mean"], res[1]["ci95"]) == (res[2]["mean"], res[2]["ci95"])
-    assert res[2]["settings"]["world_size"] == 2
+        return f + ["--eval_weights", str(d / "max_acc.pth"), "--num_test_episodes", "25", "--eval_mode", mode]
+
+    two = {mode: launch(flags(2, mode), 2) for mode in ("bank", "episodic")}
+    for mode in two:
+        assert in_process(flags(1, mode)).count("test accuracy:") == 1
+    for mode, p in two.items():
+        assert finish(p).count("test accuracy:") == 1
+        res = [json.loads((base / f"eval{n}{mode}" / "results.json").read_text()) for n in (1, 2)]
+        assert res[0]["episodes"] == res[1]["episodes"] == 25
+        assert (res[0]["mean"], res[0]["ci95"]) == (res[1]["mean"], res[1]["ci95"]), mode
+        assert res[1]["settings"]["world_size"] == 2
+        assert sorted(p.name for p in (base / f"eval2{mode}").iterdir()) == ["max_acc.pth", "results.json"]
 
 
 def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
@@ -220,12 +235,12 @@ def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
             "--device", "cpu", "--cache_dir", "none", "--log_root", str(root)]
 
 
-def test_pre_train_same_global_batch_agrees(npz, tmp_path):
+def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
     """Global batch 32: 1 process x 32 against 2 x 16 (200 images: 7 steps an epoch, the last one of 8 images),
     with --sync_bn (BN statistics of the global batch) and no augmentation (its draws are per shard)."""
-    one = launch(pre_flags(npz, tmp_path / "one", 32), 1)
     two = launch(pre_flags(npz, tmp_path / "two", 16), 2)
-    out_two, _ = finish(two), finish(one)
+    in_process(pre_flags(npz, tmp_path / "one", 32))
+    out_two = finish(two)
     assert "pre-train global batch 32 = --pre_batch_size 16 x 2" in out_two
     a, b = tmp_path / "one" / PRE_DIR, tmp_path / "two" / PRE_DIR
     assert_logs_agree(trlog(a), trlog(b), val_queries=10 * 5 * 15)
@@ -233,9 +248,9 @@ def test_pre_train_same_global_batch_agrees(npz, tmp_path):
     assert_weights_agree(a / "last.pth", b / "last.pth", ("encoder", "pre_fc"), 2 * 7 * 0.002)
 
     # pre-train resumes on the same number of processes only (E63)
-    p = launch(pre_flags(npz, tmp_path / "two", 16) + ["--resume", "--pre_max_epoch", "3"], 1)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2
+    import main
+    assert main.cli(pre_flags(npz, tmp_path / "two", 16) + ["--resume", "--pre_max_epoch", "3"]) == 2
+    err = capsys.readouterr().err
     assert f"error: --resume: the pre-train run in {b} ran on 2 process(es) (global batch 32), not 1; resume it " \
            "with torchrun --nproc_per_node=2 (or python main.py for 1)" in err
 
@@ -255,10 +270,11 @@ def test_a_dying_rank_ends_the_run_with_a_message(npz, tmp_path):
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "main.py")] + flags, cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.monotonic() + 120
-    while not (tmp_path / META_DIR / "resume.pth").exists():
+    while not (tmp_path / META_DIR / ".lock").exists():  # both ranks joined and built; rank 0 holds the run
         assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    time.sleep(1.0)  # into the first epoch
     procs[1].kill()
     procs[1].wait(timeout=30)
     t0 = time.monotonic()
