@@ -89,6 +89,9 @@ def trlog(d: Path) -> list[dict]:
 
 def assert_logs_agree(a: list[dict], b: list[dict], val_queries: int) -> None:
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    print("\nlosses rel. difference " + " ".join(f"{abs(rb['train_loss'] / ra['train_loss'] - 1):.2g}"
+                                              for ra, rb in zip(a, b)) + "; val_acc "
+          + " ".join(f"{ra['val_acc']:.4f}/{rb['val_acc']:.4f}" for ra, rb in zip(a, b)), file=sys.__stdout__)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in ra:
@@ -104,7 +107,7 @@ def assert_logs_agree(a: list[dict], b: list[dict], val_queries: int) -> None:
 def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_lr: float) -> None:
     bound = 2 * ADAM_C * adam_steps_lr
     a, b = torch.load(p1, weights_only=True), torch.load(p2, weights_only=True)
-    worst_real = 0.0
+    worst_real, worst = 0.0, 0.0
     for part in parts:
         assert a[part].keys() == b[part].keys()
         for k, v in a[part].items():
@@ -113,9 +116,12 @@ def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_
                 continue
             d = (v - b[part][k]).abs().max().item()
             assert d <= bound, (k, d, bound)
+            worst = max(worst, d)
             if not k.endswith(("mtl_bias", "running_mean", "running_var")) and not (
                     part == "encoder" and k.endswith(".0.bias")):  # conv biases ahead of BN: gradient 0 + noise
                 worst_real = max(worst_real, d)
+    print(f"\n{p1.parent.name}: max |weight difference| {worst:.3g} (bound B {bound:.3g}); parameters with a real "
+          f"gradient {worst_real:.3g} (required <= B/100)", file=sys.__stdout__)
     assert worst_real <= bound / 100, (worst_real, bound)
 
 
