@@ -72,7 +72,14 @@ class DataBundle:
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
-        return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.settings.num_workers)
+        load = lambda: load_split(spec, self.eval_transform.stored_size, self.cache_dir,  # noqa: E731
+                                  self.settings.num_workers)
+        if not distributed.active():
+            return load()
+        # torchrun: rank 0 loads first (and builds the decoded-image cache once); the others then read it
+        first: list[ImageSet] = []
+        distributed.on_main(lambda: first.append(load()))
+        return first[0] if first else load()
 
 
 class ScalarEvents:
