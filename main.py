@@ -20,6 +20,9 @@ def validate_args(args) -> None:
     if args.image_size < min_image_size(args.backbone):
         raise UserError(f"--image_size {args.image_size} is too small for --backbone {args.backbone} "
                         f"(at least {min_image_size(args.backbone)} px)")
+    if args.sync_bn and args.phase != "pre_train":
+        print("warning: --sync_bn applies to pre_train only (meta-train normalises each task by its own batch, "
+              "as one process does)", flush=True)
     if args.hard_task and args.phase == "meta_train" and args.ht_hard_tasks == 0:
         print("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard task",
               flush=True)
