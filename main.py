@@ -90,7 +90,33 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    from utils.distributed import PeerError, shutdown
+    """Run ``main`` and return the exit status (module docstring; 4: another process of a torchrun run failed).
+
+    Under torchrun a process that ends normally meets the others at a barrier and leaves the process group; one
+    that ends with an error exits at once with its status (``os._exit`` after flushing: the process group's
+    threads may be waiting on a dead peer, and tearing it down could abort or hang), and torchrun's agent ends the
+    other workers."""
+    import os
+
+    from utils import distributed
+    rc = _cli(argv)
+    if distributed.initialized():
+        if rc == 0:
+            try:
+                distributed.barrier()
+                distributed.shutdown()
+            except distributed.PeerError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                rc = 4
+        if rc != 0:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    return rc
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    from utils.distributed import PeerError
     try:
         main(argv)
     except PeerError as e:
@@ -113,8 +139,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             return 3
         raise
-    finally:
-        shutdown()
     return 0
 
 

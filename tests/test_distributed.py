@@ -1,27 +1,25 @@
 """torchrun on CPU (gloo): 2 processes against 1 on the same seed and data (issue 13).
 
-Every run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2 main.py ...`` (or ``main.py``
-alone) subprocess on a tiny ``.npz`` (10/6/6 classes of 20 images, conv4 at 16 px), one thread per process.
+Every run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2 main.py ...`` or ``main.py``
+(in this process) on a tiny ``.npz`` (10/6/6 classes of 20 images, 16 px; meta-train and meta-test resnet12_slim
+with its recipe, paper: second order; pre-train conv4), one thread per process.
 
-Tolerances, and why. The two runs compute the same sums in a different order (a meta-batch's task gradients summed
+Tolerances, and why. The two runs compute the same sums in another order (a meta-batch's task gradients summed
 per rank and then across ranks; BN running statistics composed rank by rank, ``utils.distributed``; pre-train:
-the BN statistics and the weight gradients of the global batch as sums of per-rank sums), so they agree to float32
-rounding at each step, and the optimizer turns that into:
+the BN statistics and the weight gradients of the global batch as sums of per-rank sums), so every step agrees to
+float32 rounding, and the optimizer turns that into:
 
 * **Weights**: Adam moves an element by at most ``c * lr`` per step, ``c = (1 - beta1) / sqrt(1 - beta2) = 3.16``
-  for the default betas (Kingma & Ba 2015, Sec. 2.1), so two runs that differ only by rounding are within
-  ``B = 2 c * sum of the step sizes`` everywhere. That bound is reached, not only allowed: a convolution's bias
-  followed by BatchNorm has a true gradient of exactly zero (BN removes any per-channel shift), so its float32
-  gradient is rounding noise that Adam normalises to lr-sized steps in one process as well (``mtl_bias`` of the SS
-  convs; BN's running mean follows that shift). Every other parameter has a real gradient and stays far inside:
-  we require ``B / 100``. Measured (``pytest -s`` prints it): meta-train 12 steps, B = 0.076, largest difference
-  6.8e-3, parameters with a real gradient 2.4e-7; pre-train 14 steps, B = 0.177, 1.3e-3 and 3.5e-7.
-* **Logged losses and accuracies**: BN in train mode cancels those biases, so the training forward passes see
-  only the rounding differences of the other parameters: losses within ``rtol 1e-5`` (measured <= 1.4e-7), training
-  accuracies equal (a count changes only if two logits tie to within rounding). Validation runs BN in eval mode,
-  where the running mean does not cancel the noise-driven biases, and the barely trained conv4 has near-tied
-  logits: a validation accuracy may differ by up to 2 of its queries (measured: 1 of 90, in one epoch); the
-  ResNet-12 family has no conv bias ahead of BN, so this does not arise there.
+  for the default betas (Kingma & Ba 2015, Sec. 2.1), so any two runs with the same schedule are within
+  ``B = 2 c * sum of the step sizes`` of each other. We require ``B / 100``: a real error (a task dropped or
+  weighted twice, a shard's gradient lost) changes each step's update by O(lr), i.e. O(B / 6), and fails it, while
+  rounding stays far inside (measured, ``pytest -s`` prints it: meta-train 12 steps, B = 0.076, largest
+  difference 2.4e-6; pre-train 14 steps, B = 0.177, 1.7e-6). A conv bias ahead of BN (conv4, resnet25's stem;
+  resnet12_slim has none) has a true gradient of exactly zero, so its float32 gradient is rounding noise that
+  Adam turns into lr-sized steps, in one process too: for those, and the BN running means that follow them, only
+  ``B`` holds (pre-train conv4: measured 1.3e-3).
+* **Logged losses**: ``rtol 1e-5`` (measured <= 2.5e-7); accuracies (training, validation, best epoch) equal: a
+  count changes only if two logits tie to within rounding.
 * **Meta-test**: the same checkpoint, the same episodes; each rank encodes whole batches of the single-process run
   and scores a block of the episodes: the accuracies are identical, bit for bit.
 """
@@ -47,16 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 ADAM_C = 0.1 / 0.001 ** 0.5  # (1 - beta1) / sqrt(1 - beta2), torch's default betas
 EPOCHS, NUM_BATCH, META_LR1 = 2, 3, 1e-3
-META_DIR = "meta/custom_conv4_3way1shot_HT_exp1"
+BACKBONE = "resnet12_slim"  # no conv bias ahead of BN (see the docstring)
+META_DIR = f"meta/custom_{BACKBONE}_3way1shot_HT_exp1"
 PRE_DIR = "pre/custom_conv4"
+PRE_LR = "0.002"
 
 
 def meta_flags(npz: str, root: Path) -> list[str]:
-    return ["--phase", "meta_train", "--dataset", "custom", "--dataset_dir", npz, "--backbone", "conv4",
+    return ["--phase", "meta_train", "--dataset", "custom", "--dataset_dir", npz, "--backbone", BACKBONE,
             "--image_size", "16", "--preprocess", "paper", "--init_weights", "scratch", "--max_epoch", str(EPOCHS),
             "--num_batch", str(NUM_BATCH), "--meta_batch_size", "3", "--way", "3", "--shot", "1",
             "--train_query", "3", "--val_query", "3", "--num_val_episodes", "10", "--update_step", "3",
-            "--meta_lr1", str(META_LR1), "--hard_task", "--seed", "5", "--quiet", "--device", "cpu",
+            "--meta_lr1", str(META_LR1), "--meta_lr2", str(META_LR1), "--hard_task", "--seed", "5", "--quiet", "--device", "cpu",
             "--cache_dir", "none", "--log_root", str(root)]
 
 
@@ -69,7 +69,9 @@ def launch(flags: list[str], nproc: int, **kw) -> subprocess.Popen:
 
 def finish(p: subprocess.Popen, timeout: float = 240) -> str:
     out, err = p.communicate(timeout=timeout)
-    assert p.returncode == 0, err[-3000:]
+    if p.returncode != 0:  # the workers' own lines first (torchrun's summary comes last)
+        worker = [line for line in err.splitlines() if not line.startswith(("E", "W", "  ", "[", "=", "Traceback"))]
+        raise AssertionError(f"exit {p.returncode}\n" + "\n".join(worker[-40:]) + "\n" + err[-1500:])
     return out
 
 
@@ -89,7 +91,7 @@ def trlog(d: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k} for r in json.loads((d / "trlog.json").read_text())]
 
 
-def assert_logs_agree(a: list[dict], b: list[dict], val_queries: int) -> None:
+def assert_logs_agree(a: list[dict], b: list[dict]) -> None:
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
     print("\nlosses rel. difference " + " ".join(f"{abs(rb['train_loss'] / ra['train_loss'] - 1):.2g}"
                                               for ra, rb in zip(a, b)) + "; val_acc "
@@ -99,17 +101,18 @@ def assert_logs_agree(a: list[dict], b: list[dict], val_queries: int) -> None:
         for k in ra:
             if "loss" in k:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5), k
-            elif k in ("val_acc", "best_val_acc", "val_ci95", "best_epoch"):
-                if k in ("val_acc", "best_val_acc"):  # eval-mode BN sees the noise-driven biases (docstring)
-                    assert abs(rb[k] - ra[k]) <= 2 / val_queries + 1e-6, k
             else:
                 assert rb[k] == ra[k], k
 
 
-def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_lr: float) -> None:
+def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_lr: float,
+                         noise_driven: tuple[str, ...] = ()) -> None:
+    """Every float tensor of ``parts`` (parameters and BN buffers) within ``B / 100``; those whose names end with
+    one of ``noise_driven`` (conv biases ahead of BN, and the BN running means that follow them) within ``B``
+    (module docstring)."""
     bound = 2 * ADAM_C * adam_steps_lr
     a, b = torch.load(p1, weights_only=True), torch.load(p2, weights_only=True)
-    worst_real, worst = 0.0, 0.0
+    worst, worst_noise = 0.0, 0.0
     for part in parts:
         assert a[part].keys() == b[part].keys()
         for k, v in a[part].items():
@@ -117,14 +120,14 @@ def assert_weights_agree(p1: Path, p2: Path, parts: tuple[str, ...], adam_steps_
                 assert torch.equal(v, b[part][k]), k
                 continue
             d = (v - b[part][k]).abs().max().item()
-            assert d <= bound, (k, d, bound)
+            if k.endswith(noise_driven) and noise_driven:
+                assert d <= bound, (k, d, bound)
+                worst_noise = max(worst_noise, d)
+                continue
+            assert d <= bound / 100, (k, d, bound)
             worst = max(worst, d)
-            if not k.endswith(("mtl_bias", "running_mean", "running_var")) and not (
-                    part == "encoder" and k.endswith(".0.bias")):  # conv biases ahead of BN: gradient 0 + noise
-                worst_real = max(worst_real, d)
-    print(f"\n{p1.parent.name}: max |weight difference| {worst:.3g} (bound B {bound:.3g}); parameters with a real "
-          f"gradient {worst_real:.3g} (required <= B/100)", file=sys.__stdout__)
-    assert worst_real <= bound / 100, (worst_real, bound)
+    print(f"\n{p1.parent.name}: max |weight difference| {worst:.3g} (required <= B/100, B = {bound:.3g}); "
+          f"noise-driven {worst_noise:.3g} (required <= B)", file=sys.__stdout__)
 
 
 def descendants(pid: int) -> list[int]:
@@ -180,7 +183,7 @@ def test_meta_train_two_processes_agree_with_one(meta_runs):
     base, out, _ = meta_runs
     one, two = base / "one" / META_DIR, base / "two" / META_DIR
     assert "torchrun: 2 processes (gloo" in out["two"] and "torchrun" not in out["one"]
-    assert_logs_agree(trlog(one), trlog(two), val_queries=10 * 3 * 3)
+    assert_logs_agree(trlog(one), trlog(two))
     steps = EPOCHS * NUM_BATCH * 2  # one update per meta-batch and one per hard task (--ht_update separate)
     assert_weights_agree(one / "last.pth", two / "last.pth", ("encoder", "base_learner"), steps * META_LR1)
     # the hard tasks: the same failure classes gathered from both ranks, the same hard tasks drawn
@@ -219,7 +222,7 @@ def test_meta_train_resumes_on_another_number_of_processes(meta_runs):
     base, out, killed_at = meta_runs
     a, b = base / "two" / META_DIR, base / "killed1" / META_DIR
     assert f"resuming {b} after epoch {killed_at}" in out["resumed1"]
-    assert_logs_agree(trlog(a), trlog(b), val_queries=10 * 3 * 3)
+    assert_logs_agree(trlog(a), trlog(b))
     assert_weights_agree(a / "last.pth", b / "last.pth", ("encoder", "base_learner"),
                          EPOCHS * NUM_BATCH * 2 * META_LR1)
     assert json.loads((b / "args.json").read_text())["world_size"] == 1
@@ -251,24 +254,31 @@ def test_meta_test_accuracies_identical(npz, meta_runs):
 
 
 def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
-    return ["--phase", "pre_train", "--dataset", "custom", "--dataset_dir", npz, "--backbone", "conv4",
-            "--image_size", "16", "--preprocess", "paper", "--pre_max_epoch", "2", "--pre_batch_size", str(batch),
-            "--pre_head", "linear", "--pre_optimizer", "adam", "--pre_lr", "0.002", "--pre_augment", "off",
+    return ["--phase", "pre_train", "--recipe", "pytorch", "--dataset", "custom", "--dataset_dir", npz,
+            "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper", "--pre_max_epoch", "2", "--pre_batch_size", str(batch),
+            "--pre_head", "linear", "--pre_optimizer", "adam", "--pre_lr", PRE_LR, "--pre_augment", "off",
             "--sync_bn", "--num_val_episodes", "10", "--pre_val_update_step", "5", "--seed", "5", "--quiet",
             "--device", "cpu", "--cache_dir", "none", "--log_root", str(root)]
 
 
 def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
     """Global batch 32: 1 process x 32 against 2 x 16 (200 images: 7 steps an epoch, the last one of 8 images),
-    with --sync_bn (BN statistics of the global batch) and no augmentation (its draws are per shard)."""
+    with --sync_bn (BN statistics of the global batch) and no augmentation (its draws are per shard).
+
+    conv4 here: resnet12_slim fits these 200 images within 14 steps (loss 3.8 -> 0.16), and that fast fit
+    amplifies rounding (measured: the 2-process loss 2.6e-8 from the 1-process one in epoch 1, 1.3e-4 in epoch 2),
+    while the float64 gradient of one DDP + --sync_bn step of resnet12_slim equals one process's to 1e-12
+    (tests/utils/test_distributed.py); conv4 learns slowly enough to compare whole runs. Its conv biases ahead of BN
+    are noise-driven (module docstring): they get the bound ``B``."""
     two = launch(pre_flags(npz, tmp_path / "two", 16), 2)
     in_process(pre_flags(npz, tmp_path / "one", 32))
     out_two = finish(two)
     assert "pre-train global batch 32 = --pre_batch_size 16 x 2" in out_two
     a, b = tmp_path / "one" / PRE_DIR, tmp_path / "two" / PRE_DIR
-    assert_logs_agree(trlog(a), trlog(b), val_queries=10 * 5 * 15)
+    assert_logs_agree(trlog(a), trlog(b))
     assert json.loads((b / "args.json").read_text())["pre_global_batch"] == 32
-    assert_weights_agree(a / "last.pth", b / "last.pth", ("encoder", "pre_fc"), 2 * 7 * 0.002)
+    conv_biases = tuple(f"layers.{i}.{j}" for i in range(4) for j in ("0.bias", "1.running_mean"))
+    assert_weights_agree(a / "last.pth", b / "last.pth", ("encoder", "pre_fc"), 2 * 7 * float(PRE_LR), conv_biases)
 
     # pre-train resumes on the same number of processes only (E63)
     import main

@@ -74,6 +74,11 @@ def active() -> bool:
     return _INFO.world > 1
 
 
+def initialized() -> bool:
+    """Whether this process has joined a process group (and not left it)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) set a world size above 1 in the environment."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1

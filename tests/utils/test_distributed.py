@@ -6,6 +6,8 @@ in another order: ~n * 2**-53 ~ 1e-14, with margin).
   ``nn.BatchNorm2d`` on the whole batch (unequal shard sizes);
 * :func:`sync_bn_running_stats`: BN buffers after rank 0 ran passes 1-2 and rank 1 passes 3-5 equal one module
   that ran passes 1-5 in order;
+* one pre-train step of resnet12_slim under DDP with :func:`convert_sync_bn` on two shards: the gradients and BN
+  buffers of one process on the whole batch;
 * :func:`all_reduce_grads`: sums, zero-fills a gradient missing on one rank, keeps ``None`` missing on all;
 * :func:`all_gather_rows` with a rank that has no rows; :func:`gather_shards` order; :func:`on_main` raises rank
   0's ``UserError`` on every rank.
@@ -90,6 +92,28 @@ def _worker(rank: int, port: int, q) -> None:
         assert rows.tolist() == torch.arange(6.0).view(3, 2).tolist()
         assert D.gather_shards(list(D.shard(list(range(7))))) == list(range(7))
         assert list(D.shard(list(range(7)))) == ([0, 1, 2, 3] if rank == 0 else [4, 5, 6])
+
+        # ---- one pre-train step: DDP + --sync_bn on two shards (16 + 16) = one process on the batch of 32
+        from torch.nn.parallel import DistributedDataParallel
+
+        import torch.nn.functional as F
+        from models.mtl import PreLearner
+        torch.manual_seed(1)
+        model = PreLearner("resnet12_slim", num_classes=10, pre_head="linear").double()
+        ref_m = PreLearner("resnet12_slim", num_classes=10, pre_head="linear").double()
+        ref_m.load_state_dict(model.state_dict())
+        xb = torch.randn(32, 3, 16, 16, dtype=torch.float64)
+        yb = torch.randint(0, 10, (32,))
+        F.cross_entropy(ref_m(xb), yb).backward()
+        D.convert_sync_bn(model)
+        ddp = DistributedDataParallel(model)
+        lo, hi = (0, 16) if rank == 0 else (16, 32)
+        (F.cross_entropy(ddp(xb[lo:hi]), yb[lo:hi], reduction="sum") * 2 / 32).backward()  # as train_step_distributed
+        for (name, p_), q_ref in zip(model.named_parameters(), ref_m.parameters()):
+            _close(p_.grad, q_ref.grad)
+        for (name, buf), b_ref in zip(model.named_buffers(), ref_m.buffers()):
+            if buf.is_floating_point():
+                _close(buf, b_ref)
 
         def fail() -> None:
             raise UserError("only rank 0 sees this")
