@@ -2,7 +2,9 @@
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
 Errors caused by input (missing data, bad checkpoints, impossible settings) print one ``error: ...`` line and
-exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``.
+exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``. Under ``torchrun`` (one
+process per GPU, docs/DISTRIBUTED.md) the same flags apply; a process whose peer died or did not answer within
+``--dist_timeout`` exits with status 4.
 """
 from __future__ import annotations
 
