@@ -288,6 +288,27 @@ def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
            "with torchrun --nproc_per_node=2 (or python main.py for 1)" in err
 
 
+def test_pre_train_stopped_and_resumed_under_torchrun_equals_uninterrupted(npz, tmp_path):
+    """Pre-train on 2 processes with augmentation (each rank draws its own shard's crops and flips): stopped after
+    epoch 1 and resumed on 2 processes, it ends bit-identical to the uninterrupted run (``resume.pth`` keeps every
+    rank's random state)."""
+    def aug(root: Path) -> list[str]:
+        f = [x for x in pre_flags(npz, root, 16) if x != "--sync_bn"]
+        f[f.index("--pre_augment") + 1] = "on"
+        return f
+    full = launch(aug(tmp_path / "full"), 2)
+    finish(launch(aug(tmp_path / "stopped") + ["--stop_after_epoch", "1"], 2))
+    finish(launch(aug(tmp_path / "stopped") + ["--resume"], 2))
+    finish(full)
+    a, b = tmp_path / "full" / PRE_DIR, tmp_path / "stopped" / PRE_DIR
+    assert [r["epoch"] for r in trlog(b)] == [1, 2]
+    assert trlog(a) == trlog(b)
+    assert_same_checkpoint(a / "last.pth", b / "last.pth")
+    st = torch.load(b / "resume.pth", weights_only=True)
+    assert len(st["rank_states"]) == 2
+    assert not torch.equal(st["rank_states"][0]["aug_gen"], st["rank_states"][1]["aug_gen"])
+
+
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dying_or_hanging_rank_ends_the_run_with_a_message(npz, tmp_path, fault):
     """Two ranks started by hand (no torchrun agent to clean up); mid-run rank 1 is killed (SIGKILL) or frozen

@@ -130,7 +130,8 @@ class BaseTrainer:
         self.best_acc = -1.0
         self.best_epoch = 0
         self.start_epoch = 1
-        self.aug_gen = torch.Generator().manual_seed(args.seed)
+        # each rank augments its own shard: its own stream (rank 0's is the single-process one)
+        self.aug_gen = torch.Generator().manual_seed(args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
 
     # ----------------------------------------------------------------- to implement
     max_epoch: int
@@ -167,7 +168,15 @@ class BaseTrainer:
         ck.update(self.model_checkpoint())
         return ck
 
-    def resume_state(self, epoch: int) -> dict[str, Any]:
+    def rank_states(self) -> list[dict[str, Any]] | None:
+        """Under torchrun: every rank's own random state (the global RNGs: dropout; ``aug_gen``: its shard's
+        augmentation), gathered for rank 0's ``resume.pth`` (a collective: every rank calls it). ``None`` for one
+        process."""
+        if not distributed.active():
+            return None
+        return distributed.all_gather_objects({"rng": get_rng_state(), "aug_gen": self.aug_gen.get_state()})
+
+    def resume_state(self, epoch: int, rank_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything a resumed run needs (docs/REPRODUCIBILITY.md). The LR schedule is a pure function of the
         epoch and the stored settings (``set_lr``), so the epoch is its whole state. (``--amp`` is bf16 autocast
         only, ``utils.gpu_tools.autocast``, which needs no grad scaler.)"""
@@ -177,7 +186,7 @@ class BaseTrainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_checkpoint": best,
                 "trlog": self.trlog, "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(),
-                "extra": self.extra_state()}
+                "extra": self.extra_state(), **({"rank_states": rank_states} if rank_states else {})}
 
     def iterations_per_epoch(self) -> int:
         return 0
@@ -224,8 +233,10 @@ class BaseTrainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.best_acc, self.best_epoch = st["best_acc"], st["best_epoch"]
         self.trlog = list(st["trlog"])
-        set_rng_state(st["rng"])
-        self.aug_gen.set_state(st["aug_gen"])
+        own = st.get("rank_states") or []  # torchrun: each rank's own state when the world size is the same
+        mine = own[distributed.rank()] if len(own) == distributed.world() else st
+        set_rng_state(mine["rng"])
+        self.aug_gen.set_state(mine["aug_gen"])
         self.load_extra_state(st["extra"])
         self.start_epoch = st["epoch"] + 1
         best = st.get("best_checkpoint")
@@ -295,6 +306,7 @@ class BaseTrainer:
             val_acc, val_ci = self.validate(epoch)
             t2 = time.perf_counter()
             main = distributed.is_main()  # (every rank keeps the same record; rank 0 alone writes it)
+            rank_states = self.rank_states()
             if val_acc > self.best_acc:
                 self.best_acc, self.best_epoch = val_acc, epoch
                 if main:
@@ -316,7 +328,7 @@ class BaseTrainer:
                 write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
                 # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
                 # files above (one epoch ahead at most) are rewritten with the same content.
-                save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
+                save_atomic(self.resume_state(epoch, rank_states), os.path.join(self.log_dir, "resume.pth"))
             distributed.barrier()  # no rank starts the next epoch before the commit point is on disk
             print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "

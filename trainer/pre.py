@@ -106,7 +106,8 @@ class PreTrainer(BaseTrainer):
 
     def build_distributed(self) -> None:
         """``--sync_bn``: BatchNorm with the global batch's statistics; under torchrun the model is wrapped in
-        ``DistributedDataParallel`` (gradients averaged over the ranks at each backward)."""
+        ``DistributedDataParallel`` (gradients averaged over the ranks at each backward), and each rank's global
+        torch RNG (dropout) gets its own seed, as its ``aug_gen`` (``BaseTrainer``) does."""
         self.ddp = None
         if self.args.sync_bn:
             distributed.convert_sync_bn(self.model)
@@ -114,6 +115,8 @@ class PreTrainer(BaseTrainer):
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # the model is built (the same on every rank); from here each rank's dropout masks are its own
+            torch.manual_seed(self.args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
 
     def check_resume(self, old: dict) -> None:
         """Pre-train resumes on the same number of processes only: the global batch, the shards of each batch and

@@ -51,6 +51,7 @@ class DistInfo:
 
 
 _INFO = DistInfo()
+RANK_SEED_STRIDE = 1_000_003  # rank r's own random streams (augmentation, dropout) start at seed + r * stride
 
 
 def info() -> DistInfo:
