@@ -268,7 +268,7 @@ def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
     conv4 here: resnet12_slim fits these 200 images within 14 steps (loss 3.8 -> 0.16), and that fast fit
     amplifies rounding (measured: the 2-process loss 2.6e-8 from the 1-process one in epoch 1, 1.3e-4 in epoch 2),
     while the float64 gradient of one DDP + --sync_bn step of resnet12_slim equals one process's to 1e-12
-    (tests/utils/test_distributed.py); conv4 learns slowly enough to compare whole runs. Its conv biases ahead of BN
+    (tests/utils/test_collectives.py); conv4 learns slowly enough to compare whole runs. Its conv biases ahead of BN
     are noise-driven (module docstring): they get the bound ``B``."""
     two = launch(pre_flags(npz, tmp_path / "two", 16), 2)
     in_process(pre_flags(npz, tmp_path / "one", 32))
