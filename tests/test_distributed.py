@@ -56,7 +56,8 @@ def meta_flags(npz: str, root: Path) -> list[str]:
             "--image_size", "16", "--preprocess", "paper", "--init_weights", "scratch", "--max_epoch", str(EPOCHS),
             "--num_batch", str(NUM_BATCH), "--meta_batch_size", "3", "--way", "3", "--shot", "1",
             "--train_query", "3", "--val_query", "3", "--num_val_episodes", "10", "--update_step", "3",
-            "--meta_lr1", str(META_LR1), "--meta_lr2", str(META_LR1), "--hard_task", "--seed", "5", "--quiet", "--device", "cpu",
+            "--meta_lr1", str(META_LR1), "--meta_lr2", str(META_LR1), "--hard_task", "--seed", "5", "--quiet",
+            "--device", "cpu",
             "--cache_dir", "none", "--log_root", str(root)]
 
 
@@ -200,8 +201,9 @@ def test_rank_0_alone_writes_one_copy_of_each_file(meta_runs):
     assert names == ["args.json", "hard_tasks.jsonl", "last.pth", "max_acc.pth", "resume.pth", "tb",
                      "trlog.json"], names
     assert len(list((two / "tb").iterdir())) == 1  # one TensorBoard file, from rank 0
-    files = lambda root: sorted(str(p.relative_to(root).parent / ("events" if "tfevents" in p.name else p.name))  # noqa: E731
-                                for p in root.rglob("*") if p.is_file())
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root).parent / ("events" if "tfevents" in p.name else p.name))
+                      for p in root.rglob("*") if p.is_file())
     assert files(base / "two") == files(base / "one")
 
 
@@ -255,7 +257,8 @@ def test_meta_test_accuracies_identical(npz, meta_runs):
 
 def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
     return ["--phase", "pre_train", "--recipe", "pytorch", "--dataset", "custom", "--dataset_dir", npz,
-            "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper", "--pre_max_epoch", "2", "--pre_batch_size", str(batch),
+            "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper", "--pre_max_epoch", "2",
+            "--pre_batch_size", str(batch),
             "--pre_head", "linear", "--pre_optimizer", "adam", "--pre_lr", PRE_LR, "--pre_augment", "off",
             "--sync_bn", "--num_val_episodes", "10", "--pre_val_update_step", "5", "--seed", "5", "--quiet",
             "--device", "cpu", "--cache_dir", "none", "--log_root", str(root)]
