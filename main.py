@@ -2,7 +2,9 @@
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
 Errors caused by input (missing data, bad checkpoints, impossible settings) print one ``error: ...`` line and
-exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``.
+exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``. Under ``torchrun`` (one
+process per GPU, docs/DISTRIBUTED.md) the same flags apply; a process whose peer died or did not answer within
+``--dist_timeout`` exits with status 4.
 """
 from __future__ import annotations
 
@@ -23,9 +25,34 @@ def validate_args(args) -> None:
     if args.amp_dtype != "auto" and not args.amp:
         raise UserError(f"--amp_dtype {args.amp_dtype} chooses the precision of --amp, which is not given "
                         f"(add --amp, or drop --amp_dtype)")
+    if args.sync_bn and args.phase != "pre_train":
+        print("warning: --sync_bn applies to pre_train only (meta-train normalises each task by its own batch, "
+              "as one process does)", flush=True)
     if args.hard_task and args.phase == "meta_train" and args.ht_hard_tasks == 0:
         print("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard task",
               flush=True)
+
+
+def join_processes(args, device):
+    """Under torchrun: join the process group (``utils.distributed``), put this rank on its GPU, silence the
+    standard output of ranks other than 0 (their errors still reach stderr), and record the world size (and
+    pre-train's global batch) in the settings that ``args.json`` and the checkpoints store. Returns the device."""
+    import os
+
+    import torch
+
+    from utils import distributed
+    d = distributed.init_from_env(device.type, args.dist_timeout)
+    args.world_size = d.world
+    if args.phase == "pre_train":
+        args.pre_global_batch = args.pre_batch_size * d.world
+    if d.world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+        if not distributed.is_main():
+            args.quiet = True
+            sys.stdout = open(os.devnull, "w")
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> dict | str:
@@ -40,11 +67,20 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
     validate_args(args)
     device = pick_device(args.device)
+    from utils import distributed
+    device = join_processes(args, device)
     if not (args.resume and args.seed == 0 and args.phase != "meta_eval"):
         args.seed = resolve_seed(args.seed)  # (--resume with --seed 0 takes the seed stored in resume.pth)
+    args.seed = distributed.broadcast_object(args.seed)  # every rank draws the same tasks (rank 0's seed)
     seed_everything(args.seed, args.deterministic)
     print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
+    if distributed.active():
+        d = distributed.info()
+        batch = (f"; pre-train global batch {args.pre_global_batch} = --pre_batch_size {args.pre_batch_size} x "
+                 f"{d.world}" if args.phase == "pre_train" else "")
+        print(f"torchrun: {d.world} processes ({d.backend}, --dist_timeout {d.timeout_s:g} s); rank 0 writes the "
+              f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
     print(describe_dataset(args), flush=True)
     from utils.settings import Settings
@@ -60,8 +96,38 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` and return the exit status (module docstring; 4: another process of a torchrun run failed).
+
+    Under torchrun a process that ends normally meets the others at a barrier and leaves the process group; one
+    that ends with an error exits at once with its status (``os._exit`` after flushing: the process group's
+    threads may be waiting on a dead peer, and tearing it down could abort or hang), and torchrun's agent ends the
+    other workers."""
+    import os
+
+    from utils import distributed
+    rc = _cli(argv)
+    if distributed.initialized():
+        if rc == 0:
+            try:
+                distributed.barrier()
+                distributed.shutdown()
+            except distributed.PeerError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                rc = 4
+        if rc != 0:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    return rc
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    from utils.distributed import PeerError
     try:
         main(argv)
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

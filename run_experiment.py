@@ -33,7 +33,8 @@ from utils.settings import RunPaths
 # ------------------------------------------------------------------------------------------------------------
 # The seed's constants (defaults: the paper recipe with the ResNet-12, reference sections 4-6 and 7.3).
 LOG_DIR = "./logs"             # folder for all logs, checkpoints and results (main.py --log_root)
-GPU_ID = "0"                   # CUDA_VISIBLE_DEVICES (main.py --gpu); ignored on a CPU-only machine
+GPU_ID = "0"                   # CUDA_VISIBLE_DEVICES (main.py --gpu); ignored on a CPU-only machine; several
+                               # ("0,1,2,3") launch every phase through torchrun, one process per GPU
 PRE_TRA_LABEL = "normal"       # label of the pre-train run (main.py --pre_label)
 PRE_TRA_ITER_MAX = 20000       # pre-train iterations
 PRE_TRA_DROP = 0.9             # dropout keep rate in pre-train (main.py --pre_dropout_keep)
@@ -191,8 +192,20 @@ def script(name: str) -> str:
     return os.path.relpath(os.path.join(HERE, name))
 
 
+TORCHRUN = ["-m", "torch.distributed.run"]  # torchrun, from this interpreter (printed as ``torchrun``)
+
+
+def n_processes() -> int:
+    """One process per GPU of ``GPU_ID`` (1 on the CPU: ``DEVICE = "cpu"``)."""
+    return 1 if DEVICE == "cpu" else len([g for g in str(GPU_ID).split(",") if g.strip()])
+
+
 def main_cmd(phase: str, flags: list[str], extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, script("main.py"), "--phase", phase] + flags + (extra or [])
+    """``python main.py ...``, or ``torchrun --standalone --nproc_per_node=N main.py ...`` when ``GPU_ID`` names
+    N > 1 GPUs (each process takes the GPU of its LOCAL_RANK among them; docs/DISTRIBUTED.md)."""
+    n = n_processes()
+    launcher = TORCHRUN + ["--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+    return [sys.executable] + launcher + [script("main.py"), "--phase", phase] + flags + (extra or [])
 
 
 def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
@@ -255,6 +268,8 @@ def earlier_run_note(cmd: list[str]) -> str | None:
 
 def run(cmd: list[str], dry: bool) -> None:
     shown = ["python"] + cmd[1:] if cmd[0] == sys.executable else cmd  # repeatable by hand as printed
+    if shown[1:3] == TORCHRUN:
+        shown = ["torchrun"] + shown[3:]
     print("$ " + " ".join(shlex.quote(c) for c in shown), flush=True)
     note = earlier_run_note(cmd)
     if note:

@@ -223,6 +223,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE)
     if cid == "E70":  # --amp_dtype without --amp
         return c.argv(*PRE, "--pre_label", "amp", "--amp_dtype", "bfloat16")
+    if cid in ("E63", "E64", "E65", "E66", "E67"):
+        return distributed_case(cid, c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in TF_ROWS:
@@ -380,7 +382,48 @@ def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
     return c.argv(*EVAL, *TF, "--eval_weights", str(dl))
 
 
-CASES = [f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + ["E70"]  # issue 11: E36-E48, 12: E50-E59, 16: E70
+
+
+def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
+    """The torchrun rows (issue 13); the real 2-process runs are in tests/test_distributed.py."""
+    from utils import distributed
+    if cid == "E63":  # pre-train resumed on another number of processes (the run was stored as 2 processes)
+        p = c.logs / PRE_DIR / "resume.pth"
+        st = torch.load(p, weights_only=True)
+        st["args"].update(world_size=2, pre_global_batch=96)
+        torch.save(st, p)
+        return c.argv(*PRE, "--resume", "--pre_max_epoch", "3")
+    if cid == "E64":  # another rank dies mid-run (simulated here; for real in tests/test_distributed.py)
+        import trainer.pre
+
+        def peer_died(self, epoch):
+            monkeypatch.setattr(distributed, "_INFO", distributed.DistInfo(0, 2, 0, "gloo", 600.0))
+            distributed._collective(lambda: (_ for _ in ()).throw(RuntimeError(
+                "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")), "all-reduce")
+        monkeypatch.setattr(trainer.pre.PreTrainer, "train_epoch", peer_died)
+        return c.argv(*PRE, "--pre_label", "peer")
+    for k in distributed.ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if cid == "E65":  # WORLD_SIZE without the rest of torchrun's environment
+        return c.argv(*PRE, "--pre_label", "env")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in dict(RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    if cid == "E66":  # rank 1 cannot reach rank 0's rendezvous within --dist_timeout
+        return c.argv(*PRE, "--pre_label", "join", "--dist_timeout", "2")
+    if cid == "E67":  # LOCAL_RANK beyond the visible GPUs (a 1-GPU machine simulated)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        return [a if a != "cpu" else "cuda" for a in c.argv(*PRE, "--pre_label", "gpus")]
+    raise KeyError(cid)
+
+
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70
+CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
+         + ["E70"])
 
 
 def test_every_row_of_the_catalogue_has_a_case():

@@ -164,3 +164,23 @@ def test_training_commands_say_what_happens_to_an_earlier_run(monkeypatch, capsy
     rx.run(rx.demo_commands(smoke=True)[0][1], dry=True)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("$ python") and out[1].startswith("# an earlier run in its folder is moved aside")
+
+
+def test_several_gpus_launch_through_torchrun(monkeypatch, capsys):
+    """GPU_ID = "0,1,2,3": every phase runs as torchrun --nproc_per_node=4 main.py ..., printed as such."""
+    monkeypatch.setattr(rx, "GPU_ID", "0,1,2,3")
+    monkeypatch.setattr(rx, "DEVICE", "cuda")
+    for mode, phases in (("PRE", ["pre_train"]), ("META", ["meta_train", "meta_eval"])):
+        cmds = rx.commands(mode)
+        for c in cmds:
+            assert c[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+        assert [parse_args(c[6:]).phase for c in cmds] == phases
+        assert parse_args(cmds[0][6:]).gpu == "0,1,2,3"
+    rx.run(rx.commands("PRE")[0], dry=True)
+    shown = capsys.readouterr().out.splitlines()[0]
+    assert shown.startswith("$ torchrun --standalone --nproc_per_node=4 main.py --phase pre_train ")
+    monkeypatch.setattr(rx, "DEVICE", "cpu")  # one process on the CPU, whatever GPU_ID says
+    assert rx.commands("PRE")[0][1] == rx.script("main.py")
+    monkeypatch.setattr(rx, "DEVICE", "cuda")
+    monkeypatch.setattr(rx, "GPU_ID", "0")
+    assert rx.commands("PRE")[0][1] == rx.script("main.py")

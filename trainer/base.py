@@ -11,6 +11,7 @@ import math
 import os
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from data_generator.dataset_loader import ImageSet, check_episode_fit, load_spli
 from data_generator.formats import detect_formats
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
+from utils import distributed
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
 from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
@@ -75,7 +77,14 @@ class DataBundle:
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
-        return load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.settings.num_workers)
+        load = lambda: load_split(spec, self.eval_transform.stored_size, self.cache_dir,  # noqa: E731
+                                  self.settings.num_workers)
+        if not distributed.active():
+            return load()
+        # torchrun: rank 0 loads first (and builds the decoded-image cache once); the others then read it
+        first: list[ImageSet] = []
+        distributed.on_main(lambda: first.append(load()))
+        return first[0] if first else load()
 
 
 class ScalarEvents:
@@ -126,7 +135,8 @@ class BaseTrainer:
         self.best_acc = -1.0
         self.best_epoch = 0
         self.start_epoch = 1
-        self.aug_gen = torch.Generator().manual_seed(args.seed)
+        # each rank augments its own shard: its own stream (rank 0's is the single-process one)
+        self.aug_gen = torch.Generator().manual_seed(args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
 
     # ----------------------------------------------------------------- to implement
     max_epoch: int
@@ -163,7 +173,15 @@ class BaseTrainer:
         ck.update(self.model_checkpoint())
         return ck
 
-    def resume_state(self, epoch: int) -> dict[str, Any]:
+    def rank_states(self) -> list[dict[str, Any]] | None:
+        """Under torchrun: every rank's own random state (the global RNGs: dropout; ``aug_gen``: its shard's
+        augmentation), gathered for rank 0's ``resume.pth`` (a collective: every rank calls it). ``None`` for one
+        process."""
+        if not distributed.active():
+            return None
+        return distributed.all_gather_objects({"rng": get_rng_state(), "aug_gen": self.aug_gen.get_state()})
+
+    def resume_state(self, epoch: int, rank_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything a resumed run needs (docs/REPRODUCIBILITY.md). The LR schedule is a pure function of the
         epoch and the stored settings (``set_lr``), so the epoch is its whole state. (``--amp`` is bf16 autocast
         only, ``utils.gpu_tools.autocast``, which needs no grad scaler.)"""
@@ -173,7 +191,7 @@ class BaseTrainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_checkpoint": best,
                 "trlog": self.trlog, "rng": get_rng_state(), "aug_gen": self.aug_gen.get_state(),
-                "extra": self.extra_state()}
+                "extra": self.extra_state(), **({"rank_states": rank_states} if rank_states else {})}
 
     def iterations_per_epoch(self) -> int:
         return 0
@@ -212,15 +230,18 @@ class BaseTrainer:
             if old[k] != getattr(self.args, k):
                 raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
                                 f"not {getattr(self.args, k)}; use the same settings or another log folder")
-        for name in os.listdir(self.log_dir):  # half-written temporaries of a killed run (save_atomic)
-            if name.startswith(".tmp_"):
+        self.check_resume(old)
+        for name in os.listdir(self.log_dir) if distributed.is_main() else ():  # half-written temporaries of a
+            if name.startswith(".tmp_"):                                      # killed run (save_atomic)
                 os.unlink(os.path.join(self.log_dir, name))
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.best_acc, self.best_epoch = st["best_acc"], st["best_epoch"]
         self.trlog = list(st["trlog"])
-        set_rng_state(st["rng"])
-        self.aug_gen.set_state(st["aug_gen"])
+        own = st.get("rank_states") or []  # torchrun: each rank's own state when the world size is the same
+        mine = own[distributed.rank()] if len(own) == distributed.world() else st
+        set_rng_state(mine["rng"])
+        self.aug_gen.set_state(mine["aug_gen"])
         self.load_extra_state(st["extra"])
         self.start_epoch = st["epoch"] + 1
         best = st.get("best_checkpoint")
@@ -229,6 +250,9 @@ class BaseTrainer:
                   "epoch validates better", flush=True)
         print(f"resuming {self.log_dir} after epoch {st['epoch']} (best val {100 * self.best_acc:.2f}% "
               f"at epoch {self.best_epoch})", flush=True)
+
+    def check_resume(self, old: dict[str, Any]) -> None:
+        """Phase-specific resume checks on the stored settings ``old`` (after the common ones)."""
 
     def _tensorboard(self) -> "ScalarEvents | None":
         """The TensorBoard log ``<log_dir>/tb`` (the scalars of ``trlog.json``, one point per epoch), or ``None``
@@ -247,17 +271,22 @@ class BaseTrainer:
         have been checked until it ends, whichever way it ends; a folder that already holds a run is continued
         (``--resume``), moved aside (``--overwrite``) or left alone with a one-line error."""
         a = self.args
-        ensure_writable(self.log_dir)
+        distributed.on_main(lambda: ensure_writable(self.log_dir))
         self.build()
-        with RunLock(self.log_dir):
-            if not a.resume and holds_run(self.log_dir):
-                if not a.overwrite:
-                    raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it with "
-                                    "--resume, or start afresh with --overwrite (the earlier run is moved to "
-                                    f"{self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
-                print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
-                      flush=True)
-            self.start_fresh()
+        with ExitStack() as held:  # under torchrun rank 0 holds the lock and writes; the others only compute
+
+            def claim() -> None:
+                held.enter_context(RunLock(self.log_dir))
+                if not a.resume and holds_run(self.log_dir):
+                    if not a.overwrite:
+                        raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it "
+                                        "with --resume, or start afresh with --overwrite (the earlier run is moved "
+                                        f"to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
+                    print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
+                          flush=True)
+                self.start_fresh()
+
+            distributed.on_main(claim)
             if a.resume:
                 self.load_resume()
             return self._epochs()
@@ -281,26 +310,31 @@ class BaseTrainer:
             t1 = time.perf_counter()
             val_acc, val_ci = self.validate(epoch)
             t2 = time.perf_counter()
+            main = distributed.is_main()  # (every rank keeps the same record; rank 0 alone writes it)
+            rank_states = self.rank_states()
             if val_acc > self.best_acc:
                 self.best_acc, self.best_epoch = val_acc, epoch
-                save_atomic(self.checkpoint(epoch, val_acc), best_path)
-            if self.kind == "pre" and epoch % a.pre_save_every == 0:
+                if main:
+                    save_atomic(self.checkpoint(epoch, val_acc), best_path)
+            if main and self.kind == "pre" and epoch % a.pre_save_every == 0:
                 save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, f"epoch{epoch}.pth"))
             record = {"epoch": epoch, **lrs, **stats, "val_acc": val_acc, "val_ci95": val_ci,
                       "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
                       "train_time": t1 - t0, "val_time": t2 - t1}
             self.trlog.append(record)
-            if writer is None:
-                writer = self._tensorboard()
-            if writer is not None:
-                writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
-                                     if k != "epoch" and isinstance(v, (int, float))})
-            save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
-            write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
-            write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
-            # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
-            # files above (one epoch ahead at most) are rewritten with the same content.
-            save_atomic(self.resume_state(epoch), os.path.join(self.log_dir, "resume.pth"))
+            if main:
+                if writer is None:
+                    writer = self._tensorboard()
+                if writer is not None:
+                    writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
+                                         if k != "epoch" and isinstance(v, (int, float))})
+                save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
+                write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
+                write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
+                # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
+                # files above (one epoch ahead at most) are rewritten with the same content.
+                save_atomic(self.resume_state(epoch, rank_states), os.path.join(self.log_dir, "resume.pth"))
+            distributed.barrier()  # no rank starts the next epoch before the commit point is on disk
             print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
                   f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "
                   f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "

@@ -34,6 +34,7 @@ from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import by_class, episode_labels
 from models.bn_mode import batch_dependent
 from models.mtl import inner_loop
+from utils import distributed
 from utils.gpu_tools import autocast, to_device
 from utils.misc import mean_ci
 from utils.settings import EvalSettings
@@ -73,13 +74,17 @@ def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torc
     encoder.eval()
     out = []
     n = len(imageset.labels)
+    starts = range(0, n, batch_size)
+    lo, hi = distributed.shard_range(len(starts))  # torchrun: each rank encodes a block of the same batches
     with torch.inference_mode():
-        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        for start in tqdm(starts[lo:hi], desc=desc, disable=not progress, leave=False):
             chunk = np.array(imageset.images[start:start + batch_size])
             x = to_device(torch.from_numpy(hflip(chunk) if flipped else chunk), device)
             with autocast(device, amp):
                 out.append(encoder(transform(x)).float())
     encoder.train(was_training)
+    if distributed.active():
+        return distributed.all_gather_rows(torch.cat(out) if out else None)
     return torch.cat(out).clone()
 
 
@@ -95,6 +100,7 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     Returns:
         ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1].
     """
+    episodes = distributed.shard(episodes)  # torchrun: each rank scores a block of the episodes; gathered below
     if ev.mode == "episodic":
         accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
                                  ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
@@ -106,7 +112,10 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
             flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
                                    desc=desc + " (flipped)", flipped=True)
         accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
-                             ev.classifier, ev.inner.loss_scale, flipped_features=flipped)
+                             ev.classifier, ev.inner.loss_scale, flipped_features=flipped) \
+            if len(episodes) else np.zeros(0, np.float32)
+    if distributed.active():
+        accs = np.concatenate(distributed.all_gather_objects(accs)).astype(np.float32)
     mean, ci = mean_ci(accs)
     return mean, ci, accs
 

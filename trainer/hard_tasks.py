@@ -122,8 +122,9 @@ class HardTaskPlanner:
             tasks.append(HardTask(classes, topped, self.sample_episode(classes)))
         return tasks
 
-    def log(self, iteration: int, tasks: list[HardTask]) -> None:
-        """One JSON line for the meta-batch in ``hard_tasks.jsonl``; then the record is emptied."""
+    def log(self, iteration: int, tasks: list[HardTask], write: bool = True) -> None:
+        """One JSON line for the meta-batch in ``hard_tasks.jsonl`` (``write``: under torchrun rank 0 only, every
+        rank holds the same record); then the record is emptied."""
         names = self.train_set.class_names
         topped_all: list[int] = []
         for t in tasks:
@@ -133,8 +134,9 @@ class HardTaskPlanner:
                  "failure_accuracies": [round(a, 4) for a in self.failure_acc],
                  "topped_up": [names[c] for c in topped_all],
                  "hard_tasks": [[names[c] for c in t.classes] for t in tasks]}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if write:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         self.reset()
 
     def state_dict(self) -> dict:

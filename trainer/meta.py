@@ -31,6 +31,7 @@ from models.tf_weights import TFWeights, is_tf_weights, read_tf_weights
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
 from trainer.evaluate import evaluate, init_head
 from trainer.hard_tasks import HardTaskPlanner
+from utils import distributed
 from utils.checkpoint import load_checkpoint, load_strict, read_weights
 from utils.errors import UserError
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
@@ -143,6 +144,27 @@ class MetaTrainer(BaseTrainer):
 
     # ----------------------------------------------------------------- the tasks of a meta-batch (Alg. 2)
     def run_tasks(self, episodes: list[np.ndarray], weight: float, timer: Timer) -> list[tuple[float, np.ndarray]]:
+        """The tasks of a meta-batch (:meth:`run_local`), split across the ranks of a torchrun run: every rank holds
+        the same ``episodes`` (the same sampler, seed and state), runs the contiguous block
+        :func:`utils.distributed.shard` gives it, merges the BN running statistics into those one process would hold
+        (:func:`utils.distributed.sync_bn_running_stats`) and gathers every task's result in task order, so the loss
+        check, the log and the hard-task record see the whole meta-batch on every rank. The gradients are summed
+        across ranks in :meth:`outer_step`. One process: exactly :meth:`run_local`.
+
+        Returns:
+            per task, the query loss and the per-class query accuracy ``(way,)`` in episode label order.
+        """
+        before = distributed.bn_state(self.model) if distributed.active() else None
+        mine = distributed.shard(episodes)
+        results = self.run_local(list(mine), weight, timer) if len(mine) else []
+        if before is not None:
+            distributed.sync_bn_running_stats(self.model, before)
+            results = distributed.gather_shards(results)
+        for lv, _ in results:
+            self.check_loss(lv, *self.position)  # normal and hard tasks alike: stop before any outer step
+        return results
+
+    def run_local(self, episodes: list[np.ndarray], weight: float, timer: Timer) -> list[tuple[float, np.ndarray]]:
         """Alg. 2 for the tasks of a meta-batch together (:meth:`models.mtl.MetaLearner.forward_tasks`): one image
         gather and transform, per-task encoder passes, one batched inner loop on each support (Eq. 3), the query
         loss at the adapted weights, and one backward of ``weight * sum of the query losses`` (the same gradients
@@ -171,12 +193,12 @@ class MetaTrainer(BaseTrainer):
         correct = by_class((logits.argmax(-1) == y_q).float(), a.way, dim=1).mean(1)   # (T, way)
         timer.stop("compute")
         values, correct = losses.tolist(), correct.cpu().numpy()
-        for lv in values:
-            self.check_loss(lv, *self.position)  # normal and hard tasks alike: stop before any outer step
         return [(lv, c) for lv, c in zip(values, correct)]
 
     def outer_step(self) -> None:
-        """Eq. 4-5: one Adam step on the accumulated query-loss gradients."""
+        """Eq. 4-5: one Adam step on the accumulated query-loss gradients (under torchrun first summed over the
+        ranks: each rank's tasks carry the meta-batch's weight, so the sum is the single-process gradient)."""
+        distributed.all_reduce_grads([p for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -214,7 +236,7 @@ class MetaTrainer(BaseTrainer):
                         self.outer_step()
                 if shared:
                     self.outer_step()
-                self.hard.log((epoch - 1) * a.num_batch + it + 1, hard_tasks)
+                self.hard.log((epoch - 1) * a.num_batch + it + 1, hard_tasks, write=distributed.is_main())
         return {"train_loss": loss_avg.item(), "train_acc": acc_avg.item(),
                 "data_time": timer.seconds.get("data", 0.0), "compute_time": timer.seconds.get("compute", 0.0)}
 
@@ -240,7 +262,7 @@ class MetaTrainer(BaseTrainer):
 
     def load_resume(self) -> None:
         super().load_resume()
-        if self.hard is not None:
+        if self.hard is not None and distributed.is_main():
             self.hard.truncate_log((self.start_epoch - 1) * self.args.num_batch)
 
 
@@ -291,11 +313,13 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device, args.bn_mode)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     mean, ci, accs = evaluate(encoder, test_set, data.eval_transform, episodes, w, b, ev, device, desc="encode test")
-    return write_results(path, kind, mean, ci, len(accs), ev, settings_dict(args))
+    return write_results(path, kind, mean, ci, len(accs), ev, settings_dict(args), write=distributed.is_main())
 
 
-def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: EvalSettings, settings: dict) -> dict:
-    """Print the test line and write the results JSON next to the checkpoint ``path``."""
+def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: EvalSettings, settings: dict,
+                  write: bool = True) -> dict:
+    """Print the test line and write the results JSON next to the checkpoint ``path`` (``write``: under torchrun
+    rank 0 only; every rank returns the same dict)."""
     method = ("mtl" if kind == "meta" else "pretrained") + ("" if ev.classifier == "finetune" else "+centroid")
     result = {"mean": round(100 * mean, 4), "ci95": round(100 * ci, 4), "episodes": n, "way": ev.way,
               "shot": ev.shot, "query": ev.query, "method": method, "checkpoint": path,
@@ -306,7 +330,8 @@ def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: Eval
         f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # a TF weights folder: in it
     out = os.path.join(folder, name)
-    write_json_atomic(out, result)
+    if write:
+        write_json_atomic(out, result)
     print(f"test accuracy: {format_acc(mean, ci)} ({n} episodes, {ev.way}-way {ev.shot}-shot)", flush=True)
     print(f"results written to {out}", flush=True)
     result["path"] = out

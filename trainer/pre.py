@@ -17,6 +17,8 @@ from tqdm import tqdm
 from models.mtl import PreLearner
 from trainer.base import BaseTrainer, scheduled_lr
 from trainer.evaluate import evaluate, init_head
+from utils import distributed
+from utils.errors import UserError
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
 from utils.misc import Averager, Timer, generator_state, set_generator_state
 from utils.settings import Settings
@@ -81,19 +83,69 @@ class PreTrainer(BaseTrainer):
         # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save
         # self.model's own state dict, so their keys stay plain, and validation uses the uncompiled encoder.
         self.train_encoder = maybe_compile(self.model.encoder, self.device, a.compile)
+        self.build_distributed()
         params = [{"params": self.model.encoder.parameters()}, {"params": self.model.pre_fc.parameters()}]
         if a.pre_optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=a.pre_lr, momentum=a.pre_custom_momentum, nesterov=True,
                                              weight_decay=a.pre_custom_weight_decay)
         else:
             self.optimizer = torch.optim.Adam(params, lr=a.pre_lr, weight_decay=a.pre_custom_weight_decay)
-        self.stream = BatchStream(len(self.train_set.labels), a.pre_batch_size, a.pre_iters_per_epoch, a.seed)
+        self.stream = BatchStream(len(self.train_set.labels), self.global_batch, a.pre_iters_per_epoch, a.seed)
         self.head_w, self.head_b = init_head(a.way, self.model.encoder.out_dim, a.eval_seed)
         self.labels_t = torch.from_numpy(self.train_set.labels.astype(np.int64))
 
     def iterations_per_epoch(self) -> int:
         a = self.args
-        return a.pre_iters_per_epoch or -(-len(self.train_set.labels) // a.pre_batch_size)
+        return a.pre_iters_per_epoch or -(-len(self.train_set.labels) // self.global_batch)
+
+    # ----------------------------------------------------------------- torchrun
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step: ``--pre_batch_size`` per process times the number of processes."""
+        return self.args.pre_batch_size * distributed.world()
+
+    def build_distributed(self) -> None:
+        """``--sync_bn``: BatchNorm with the global batch's statistics; under torchrun the model is wrapped in
+        ``DistributedDataParallel`` (gradients averaged over the ranks at each backward), and each rank's global
+        torch RNG (dropout) gets its own seed, as its ``aug_gen`` (``BaseTrainer``) does."""
+        self.ddp = None
+        if self.args.sync_bn:
+            distributed.convert_sync_bn(self.model)
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # the model is built (the same on every rank); from here each rank's dropout masks are its own
+            torch.manual_seed(self.args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
+
+    def check_resume(self, old: dict) -> None:
+        """Pre-train resumes on the same number of processes only: the global batch, the shards of each batch and
+        the augmentation draws depend on it (meta-train and meta-test resume on any number)."""
+        was, now = old.get("world_size", 1), distributed.world()
+        if was != now:
+            raise UserError(f"--resume: the pre-train run in {self.log_dir} ran on {was} process(es) (global batch "
+                            f"{old.get('pre_global_batch', old['pre_batch_size'])}), not {now}; resume it with "
+                            f"torchrun --nproc_per_node={was} (or python main.py for 1)")
+
+    def train_step_distributed(self, idx: np.ndarray) -> tuple[float, float]:
+        """One step of the global batch ``idx`` under torchrun: this rank's contiguous shard through the DDP model,
+        the loss ``world * (sum of the shard's CE) / len(idx)`` so that DDP's average over the ranks is the gradient
+        of the global batch's mean CE (shards of unequal size included); returns the global loss and accuracy.
+        A rank whose shard is empty (a last batch smaller than the world) runs one image at weight 0."""
+        a = self.args
+        lo, hi = distributed.shard_range(len(idx))
+        mine = idx[lo:hi] if hi > lo else idx[:1]
+        x, y = self.load_batch(mine)
+        with autocast(self.device, a.amp):
+            logits = self.ddp(x, encoder=self.train_encoder)
+            ce = F.cross_entropy(logits.float(), y, reduction="sum") * (1.0 if hi > lo else 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        (ce * (distributed.world() / len(idx))).backward()
+        self.optimizer.step()
+        hits = (logits.argmax(1) == y).float().sum() * (1.0 if hi > lo else 0.0)
+        sums = distributed.all_reduce_sum(torch.stack([ce.detach(), hits]).float())
+        lv, acc = (sums / len(idx)).tolist()
+        return lv, acc
 
     def set_lr(self, epoch: int) -> dict[str, float]:
         a = self.args
@@ -132,15 +184,20 @@ class PreTrainer(BaseTrainer):
         batches = self.stream.epoch()
         for it, idx in enumerate(tqdm(batches, desc=f"pre-train epoch {epoch}", disable=not self.progress,
                                       leave=False)):
-            timer.start("data")
-            x, y = self.load_batch(idx)
-            timer.stop("data")
-            timer.start("compute")
-            lv, acc = self.train_step(x, y)
-            timer.stop("compute")
+            if self.ddp is not None:  # torchrun (data and compute in one timer: the shard is loaded in the step)
+                timer.start("compute")
+                lv, acc = self.train_step_distributed(idx)
+                timer.stop("compute")
+            else:
+                timer.start("data")
+                x, y = self.load_batch(idx)
+                timer.stop("data")
+                timer.start("compute")
+                lv, acc = self.train_step(x, y)
+                timer.stop("compute")
             self.check_loss(lv, epoch, it + 1, len(batches))
-            loss_avg.add(lv, len(y))
-            acc_avg.add(acc, len(y))
+            loss_avg.add(lv, len(idx))
+            acc_avg.add(acc, len(idx))
         return {"train_loss": loss_avg.item(), "train_acc": acc_avg.item(),
                 "data_time": timer.seconds.get("data", 0.0), "compute_time": timer.seconds.get("compute", 0.0)}
 

@@ -143,9 +143,10 @@ def flex(action: argparse.Action) -> argparse.Action:
 
 
 def resume_may_differ() -> frozenset[str]:
-    """The settings a resumed run may change: the flags marked with :func:`flex`, and ``recipe_source``."""
+    """The settings a resumed run may change: the flags marked with :func:`flex`, ``recipe_source`` and the number of
+    processes (``world_size``; pre-train checks it itself, its global batch depends on it)."""
     return frozenset(a.dest for a in build_parser()._actions if getattr(a, "resume_may_differ", False)) | {
-        "recipe_source"}
+        "recipe_source", "world_size", "pre_global_batch"}  # (pre-train's world size: trainer.pre.check_resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pre_label", default="", help="extra label of the pre-train log folder")
     a("--pre_val_update_step", type=positive_int, default=100, help="head fine-tuning steps in pre-train val")
     a("--pre_val_base_lr", type=positive_float, default=0.01, help="head fine-tuning lr in pre-train val")
+    a("--sync_bn", action="store_true",
+      help="torchrun: train-mode BatchNorm uses the statistics of the global batch (all processes), so a run on N "
+           "processes computes what one process with the same global batch computes")
 
     g = p.add_argument_group("meta-train and meta-test")
     a = g.add_argument
@@ -279,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     a("--eval_batch_size", type=positive_int, default=256, help="images per batch when encoding a split")
     a("--quiet", action="store_true", help="no progress bars")
+    a("--dist_timeout", type=positive_float, default=600.0,
+      help="torchrun: seconds a process waits for the others at a collective before the run stops with an error")
     a("--stop_after_epoch", type=nonneg_int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
 
