@@ -91,8 +91,14 @@ def load_pickle(path: str, encoding: str = "latin1") -> Any:
 
 
 def _unpickle(f: BinaryIO, source: str, encoding: str) -> Any:
+    return _load_reporting(SafeUnpickler(f, source, encoding=encoding), source)
+
+
+def _load_reporting(unpickler: pickle.Unpickler, source: str) -> Any:
+    """``unpickler.load()``; a truncated or corrupt file is a one-line ``UserError`` naming ``source`` (a refused
+    global already is one)."""
     try:
-        return SafeUnpickler(f, source, encoding=encoding).load()
+        return unpickler.load()
     except UserError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
@@ -217,14 +223,7 @@ def stream_pickle_list(path: str, on_item, encoding: str = "latin1") -> int:
         raise UserError(f"file not found: {path}")
     with open(path, "rb") as f:
         streamer = _ListStreamer(f, path, on_item, encoding)
-        try:
-            top = streamer.load()
-        except UserError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-                KeyError, UnicodeDecodeError, MemoryError) as e:
-            raise UserError(f"{path} is not a readable pickle (truncated or corrupt?): {type(e).__name__}: "
-                            f"{str(e)[:120]}")
+        top = _load_reporting(streamer, path)
     if top is not streamer.root:
         raise UserError(f"{path}: expected a pickled list, found {type(top).__name__}")
     return streamer.count
