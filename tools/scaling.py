@@ -54,7 +54,12 @@ def measure(phase: str, n: int, out: str, device: str, epochs: int, tiny: bool) 
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+        lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+        said = [ln for ln in lines if ln.startswith("error:") or "Error" in ln] or lines[-3:]
+        with open(os.path.join(out, f"{phase}_{n}.stderr.txt"), "w") as f:
+            f.write(p.stderr)
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}): {' | '.join(said[:3])} "
+                         f"(stderr in {out}/{phase}_{n}.stderr.txt)")
     sub = "pre/glyphs_conv4" if phase == "pre_train" else "meta/glyphs_conv4_5way1shot_exp1"
     log = json.load(open(os.path.join(root, sub, "trlog.json")))
     timed = log[1:] or log
