@@ -8,10 +8,12 @@ with the other recipe given explicitly (``LATER`` below says why the later backb
   image (BN on batch statistics as in training, dropout off) before and after a few iterations is finite and lower
   after, and every epoch's logged loss is finite. (The per-epoch loss of a few iterations of a fresh ResNet-12 under
   Adam swings by more than it falls; the same images before and after measure the model alone.)
-* ``meta_train`` from that checkpoint: the mean query loss of the tasks the run trains on (the trainer's sampler
-  replayed from its seed), measured with the trainer's own forward before and after those outer updates, is
-  finite and lower after. (The per-epoch training loss of a few updates is dominated by which tasks were drawn;
-  the same tasks before and after measure the model alone.)
+* ``meta_train`` from that checkpoint, every outer update on one task (the first the trainer's sampler draws at the
+  run's seed): its query loss, measured with the trainer's own forward before and after those updates, is finite
+  and lower after. (The per-epoch training loss of a few updates is dominated by which tasks were drawn; and a
+  few updates on a few different tasks need not lower their mean loss: each step follows another task's
+  gradient, so the check failed at 2 of 6 seeds, and at the test's seed on an AVX-512 CPU but not on AVX2. A
+  few small steps on one objective lower it.)
 
 The data are a slice of the embedded glyph pack (``data/glyphs100.npz``: 16 of its base classes x 16 images, 5 x 8
 for validation and test) at 16 px (8 px for the torchvision ResNets and WRN-28-10, see ``SIZE_FOR``); runs are seeded,
@@ -104,9 +106,11 @@ def _train_set_loss(trainer: PreTrainer) -> float:
         return F.cross_entropy(model(x), torch.from_numpy(trainer.train_set.labels)).item()
 
 
-def _run_measured(trainer, measure) -> tuple[float, float]:
-    """``measure`` before and after ``trainer.run()`` on the same model (run() = build() + the epoch loop)."""
-    trainer.build()
+def _run_measured(trainer, measure, built: bool = False) -> tuple[float, float]:
+    """``measure`` before and after ``trainer.run()`` on the same model (run() = build() + the epoch loop;
+    ``built``: build() was called already)."""
+    if not built:
+        trainer.build()
     before = measure(trainer)
     trainer.build = lambda: None
     trainer.run()
@@ -136,14 +140,16 @@ def test_backbone_trains_with_defaults(data, tmp_path, backbone, recipe):
     main.validate_args(args)
     seed_everything(args.seed)
     trainer = MetaTrainer(Settings.from_args(args), torch.device("cpu"))
-    replay = CategoriesSampler(np.load(data)["train_labels"], args.num_batch, args.way, args.shot, args.train_query,
-                               args.seed)
-    episodes = [replay.sample() for _ in range(args.num_batch)]  # the tasks run() will train on, in order
-    before, after = _run_measured(trainer, lambda tr: _query_loss(tr, episodes))
+    task = CategoriesSampler(np.load(data)["train_labels"], 1, args.way, args.shot, args.train_query,
+                             args.seed).sample()
+    trainer.build()
+    drawn = []
+    trainer.sampler.sample = lambda: drawn.append(task) or task  # every outer update on this one task
+    before, after = _run_measured(trainer, lambda tr: _query_loss(tr, [task]), built=True)
     meta_log = json.loads((tmp_path / "meta" / f"custom_{backbone}_5way1shot_exp1" / "trlog.json").read_text())
     assert all(math.isfinite(r["train_loss"]) for r in meta_log)
     assert math.isfinite(before) and after < before, (before, after)
-    assert trainer.sampler.state_dict() == replay.state_dict()  # it did train on exactly these tasks
+    assert len(drawn) == args.num_batch * args.meta_batch_size  # it did train on this task, once per update
 
 
 def test_recipe_follows_the_backbone_unless_given():
