@@ -253,19 +253,54 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return ((c * a + ALPHA_BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
 
 
+# CIE L*a*b* (D50, the ICC profile connection space) -> sRGB: XYZ(D50) -> Bradford to D65 -> linear sRGB (IEC 61966-2-1)
+_D50 = np.array([0.96422, 1.0, 0.82521])
+_BRADFORD_D50_TO_D65 = np.array([[0.9555766, -0.0230393, 0.0631636],
+                                 [-0.0282895, 1.0099416, 0.0210077],
+                                 [0.0122982, -0.0204830, 1.3299098]])
+_XYZ_D65_TO_SRGB = np.array([[3.2404542, -1.5371385, -0.4985314],
+                             [-0.9692660, 1.8760108, 0.0415560],
+                             [0.0556434, -0.2040259, 1.0572252]])
+
+
+def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) in Pillow's LAB encoding (L* = byte * 100 / 255, a* = byte - 128, b* = byte - 128) -> uint8
+    (h, w, 3) sRGB, rounded; colours outside the sRGB gamut are clipped to it (they have no sRGB value)."""
+    lab = lab.astype(np.float64)
+    L, a, b = lab[..., 0] * (100.0 / 255.0), lab[..., 1] - 128.0, lab[..., 2] - 128.0
+    fy = (L + 16.0) / 116.0
+    f = np.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
+    d = 6.0 / 29.0
+    xyz = np.where(f > d, f ** 3, 3 * d * d * (f - 4.0 / 29.0)) * _D50
+    rgb = xyz @ (_XYZ_D65_TO_SRGB @ _BRADFORD_D50_TO_D65).T
+    rgb = np.clip(rgb, 0.0, 1.0)
+    rgb = np.where(rgb <= 0.0031308, 12.92 * rgb, 1.055 * rgb ** (1 / 2.4) - 0.055)
+    return np.floor(rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) YCbCr (JFIF, full range) -> uint8 RGB, rounded (Pillow's own conversion truncates, up to 1
+    lower); values outside 0..255 (colours the YCbCr cube holds and RGB does not) are clipped."""
+    y, cb, cr = (ycc[..., k].astype(np.float64) for k in range(3))
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                    y + 1.772 * (cb - 128)], axis=-1)
+    return np.clip(np.floor(rgb + 0.5), 0, 255).astype(np.uint8)
+
+
 def to_rgb(im: Image.Image, where: str) -> Image.Image:
     """Any Pillow image -> an 8-bit ``RGB`` image, scaled and never clipped (docs/DATA.md, "Decoding").
 
-    * ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``HSV``: Pillow's conversion (``1``: 0 / 255; CMYK:
-      ``R = round((255 - C)(255 - K) / 255)``, no ICC profile; YCbCr: JFIF full range; HSV: Pillow's hsv2rgb);
+    * ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``HSV``: Pillow's conversion (``1``: 0 / 255; CMYK:
+      ``R = round((255 - C)(255 - K) / 255)``, no ICC profile; HSV: Pillow's hsv2rgb, rounded);
+    * ``YCbCr``: the JFIF full-range equations, rounded (:func:`_ycbcr_to_rgb`);
     * ``I;16`` (any byte order) and ``I``: 16-bit values 0..65535 (Pillow reads 16-bit PNG / PGM / TIFF grey so)
       -> ``round(x / 257)``, so 65535 is 255 and 257 is 1 (Pillow's own conversion clips everything above 255 to
       white). An ``I`` image with values outside 0..65535 has no such meaning: UserError naming ``where``;
     * ``F``: the float-image convention of numpy / scikit-image / torchvision, [0, 1] -> ``round(255 x)``; values
       outside [0, 1] or not finite: UserError (Pillow's own conversion reads floats as 0..255 and would make every
       [0, 1] image black);
-    * ``LAB``: CIE L*a*b* (D50, Pillow's 8-bit encoding) -> sRGB with littleCMS (``PIL.ImageCms``), perceptual
-      intent; Pillow's plain conversion copies the bytes;
+    * ``LAB``: CIE L*a*b* (D50, Pillow's 8-bit encoding) -> sRGB by the CIE / IEC equations (:func:`_lab_to_srgb`);
+      Pillow's plain conversion copies the bytes as if they were RGB;
     * alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, or a ``transparency`` entry): composited over
       :data:`ALPHA_BACKGROUND` (Pillow's conversion drops alpha and shows whatever colour transparent pixels hold).
     """
@@ -294,11 +329,16 @@ def to_rgb(im: Image.Image, where: str) -> Image.Image:
         v = np.floor(a * 255.0 + 0.5).astype(np.uint8)
         return Image.fromarray(np.repeat(v[..., None], 3, axis=2), mode="RGB")
     if mode == "LAB":
-        from PIL import ImageCms
-        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                            "LAB", "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
-        return ImageCms.applyTransform(im, transform)
-    if "A" in im.getbands() or "a" in im.getbands() or im.has_transparency_data:
+        # the bands, not np.asarray(im): Pillow stores a* and b* as signed bytes inside; split() gives the 128-offset
+        return Image.fromarray(_lab_to_srgb(np.stack([np.asarray(b) for b in im.split()], axis=-1)), mode="RGB")
+    if mode == "YCbCr":
+        return Image.fromarray(_ycbcr_to_rgb(np.asarray(im)), mode="RGB")
+    if mode in ("La", "RGBa"):  # premultiplied: c' = c a / 255, so over the background it is c' + B (255 - a) / 255
+        arr = np.asarray(im).astype(np.uint32)
+        c, a = (arr[..., :1], arr[..., 1:]) if mode == "La" else (arr[..., :3], arr[..., 3:])
+        out = np.minimum(c + (ALPHA_BACKGROUND * (255 - a) + 127) // 255, 255).astype(np.uint8)
+        return Image.fromarray(np.broadcast_to(out, arr.shape[:2] + (3,)).copy(), mode="RGB")
+    if "A" in im.getbands() or im.has_transparency_data:
         rgba = np.asarray(im.convert("RGBA"))
         return Image.fromarray(_composite(rgba[..., :3], rgba[..., 3]), mode="RGB")
     return im.convert("RGB")
