@@ -274,19 +274,28 @@ def _open(npy: str, meta: str, stored_size: int, files: list[str] | None,
             count and (labels.min() < 0 or labels.max() >= len(classes))):
         return None, f"its record's labels, class names or digests do not fit {count} images"
     try:
-        images = np.load(npy, mmap_mode="r")
+        with open(npy, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            hshape, fortran, dtype = read(fh)
+            offset = fh.tell()
     except FileNotFoundError:
         return None, "its image file is missing"
     except (OSError, ValueError, EOFError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, f"its image file is not a readable .npy file ({detail})"
-    if not isinstance(images, np.memmap) or images.dtype != np.uint8 or images.shape != shape or \
-            not images.flags.c_contiguous:
-        return None, f"its image file's header says {images.dtype} {tuple(images.shape)}, the record uint8 {shape}"
-    expected = int(images.offset) + int(images.nbytes)
+    if dtype != np.uint8 or tuple(hshape) != shape or fortran:
+        return None, f"its image file's header says {dtype} {tuple(hshape)}, the record uint8 {shape}"
+    expected = offset + int(np.prod(shape))
     actual = os.path.getsize(npy)
     if actual != expected:
         return None, f"its image file has {actual} bytes, {expected} expected (truncated or padded)"
+    try:
+        images = np.memmap(npy, dtype=np.uint8, mode="r", shape=shape, offset=offset)
+    except (OSError, ValueError) as exc:
+        return None, f"its image file cannot be mapped ({exc})"
     got = image_digests(images)
     bad = np.flatnonzero(got != digests)
     if bad.size:
