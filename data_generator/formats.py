@@ -338,6 +338,11 @@ def _read_csv(root: str, bench: str, split: str, files: list[str], size: int, wo
                     raise UserError(f"{path} line {line}: expected 'filename,label', got '{','.join(row)}'")
                 fname, label = row[0].strip(), row[1].strip()
                 if not os.path.isfile(os.path.join(root, "images", fname)):
+                    img = os.path.join(root, "images", fname)
+                    if os.path.islink(img):
+                        raise UserError(f"{path} line {line}: the image {img} is a broken symbolic link (its target "
+                                        f"{os.readlink(img)} does not exist or loops); remove it or restore the "
+                                        "target")
                     raise UserError(f"{path} line {line}: the image images/{fname} is missing")
                 rows.append((fname, label))
     except (OSError, UnicodeDecodeError) as exc:

@@ -54,10 +54,10 @@ class SplitSummary:
     numbered_names: bool = False
 
     def image_name(self, k: int) -> str:
-        """The file of image ``k``, or ``image k of class '...'`` where there are no files."""
+        """The file of image ``k``, or ``image k`` (its index in the split) where there are no files."""
         if self.files is not None and len(self.files) == len(self.labels):
             return self.files[k]
-        return f"image {k} of class '{self.class_names[int(self.labels[k])]}'"
+        return f"image {k}"
 
     def where(self) -> str:
         return f"the {self.split} split ({self.source})"

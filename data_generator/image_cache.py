@@ -217,11 +217,21 @@ def remove_orphans(cache_dir: str) -> list[tuple[str, int]]:
     return removed
 
 
-def cache_write_error(cache_dir: str, exc: OSError | str) -> UserError:
-    """The one line for a cache folder that cannot take an entry (read-only, full, not a folder, no permission)."""
+def cache_write_error(cache_dir: str, exc: OSError | str, fix: str | None = None) -> UserError:
+    """The one line for a cache folder that cannot take an entry (read-only, full, not a folder, no permission):
+    what failed, what to do about the folder (``fix``, by default from the error), and the two ways around it."""
     why = exc if isinstance(exc, str) else (exc.strerror or str(exc))
-    return UserError(f"cannot write the image cache in {cache_dir}: {why}; free or fix that folder, or pass "
-                     f"--cache_dir none (decode without a cache) or --cache_dir <another folder>")
+    if fix is None:
+        code = getattr(exc, "errno", None)
+        fix = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
+               errno.ENOSPC: "free space on it", errno.EDQUOT: "free space on it"}.get(code, "fix that folder")
+    return UserError(f"cannot write the image cache in {cache_dir}: {why}; {fix}, or pass --cache_dir none "
+                     f"(decode without a cache) or --cache_dir <another folder>")
+
+
+def _check_folder(cache_dir: str) -> None:
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise cache_write_error(cache_dir, "it is a file, not a folder", "remove or rename that file")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,9 +246,10 @@ def read_record(meta: str) -> tuple[dict | None, str | None]:
             record = json.load(fh)
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        return None, f"its record {name} does not parse ({detail})"
+    except OSError as exc:
+        return None, f"its record {name} cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:
+        return None, f"its record {name} does not parse ({str(exc).splitlines()[0]})"
     if not isinstance(record, dict):
         return None, f"its record {name} does not parse (not a json object)"
     version = record.get("version")
@@ -313,6 +324,7 @@ def lookup_cache(cache_dir: str, key: str, stored_size: int, files: list[str] | 
     fails a check (one printed line ``cache entry …: <why>; rebuilding``). ``files``: the source files the key was
     made from (checked against the record); ``n``: the number of images expected, when known. Removes orphaned
     temporary files first."""
+    _check_folder(cache_dir)
     remove_orphans(cache_dir)
     npy, meta = cache_paths(cache_dir, key)
     entry, why = _open(npy, meta, stored_size, files, n)
@@ -338,7 +350,7 @@ def _reserve(path: str, cache_dir: str) -> None:
                 detail = f"no space left on the device (the entry needs {_size(size)}, {_size(free)} free)"
             except OSError:
                 detail = f"no space left on the device (the entry needs {_size(size)})"
-            raise cache_write_error(cache_dir, detail) from None
+            raise cache_write_error(cache_dir, detail, "free space on it") from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)):
             raise
     except AttributeError:  # no posix_fallocate on this platform
@@ -367,6 +379,7 @@ def write_cache(cache_dir: str, key: str, n: int, stored_size: int, fill: Callab
     npy, meta = cache_paths(cache_dir, key)
     shape = (int(n), int(stored_size), int(stored_size), 3)
     tmp = tmp_meta = None
+    _check_folder(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         remove_orphans(cache_dir)

@@ -334,7 +334,7 @@ def test_a_read_only_cache_folder_with_a_valid_entry_is_read(tmp_path, capsys):
         with pytest.raises(UserError) as e:  # an entry that must be written: one line, naming the folder
             load_split(str(data / "val"), SIZE, cache_dir=str(cache))
         why = "Read-only file system" if ro.mounted else "Permission denied"
-        assert str(e.value) == (f"cannot write the image cache in {cache}: {why}; free or fix that folder, or pass "
+        assert str(e.value) == (f"cannot write the image cache in {cache}: {why}; make it writable, or pass "
                                 "--cache_dir none (decode without a cache) or --cache_dir <another folder>")
     finally:
         ro.close()
@@ -352,7 +352,7 @@ def test_a_full_cache_folder_is_one_line_before_anything_is_decoded(folder, tmp_
         load_split(str(folder), SIZE, cache_dir=str(cache))
     assert str(e.value).startswith(f"cannot write the image cache in {cache}: no space left on the device (the "
                                    "entry needs ")
-    assert "--cache_dir none" in str(e.value) and not calls and os.listdir(cache) == []
+    assert "; free space on it, or pass --cache_dir none" in str(e.value) and not calls and os.listdir(cache) == []
 
 
 def test_a_real_full_tmpfs(folder, tmp_path):
