@@ -2,7 +2,7 @@
 damaged gives one ``cache entry …: <why>; rebuilding`` line and the correct images; orphaned temporary files of dead
 processes are removed; a read-only or full cache folder is one line naming it.
 
-The error rows (read-only folder that must take an entry, a full disk) are also in docs/ERRORS.md (E75-E77) and
+The error rows (read-only folder that must take an entry, a full disk) are also in docs/ERRORS.md (E76-E78) and
 tests/test_errors.py; here are the cases that are not errors.
 """
 from __future__ import annotations
