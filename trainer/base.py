@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ class DataBundle:
         self.eval_transform = BatchTransform(data.image_size, data.preprocess, augment=False)
         self.train_transform = BatchTransform(data.image_size, data.preprocess, augment=data.augment)
         self.cache_dir = data.cache_dir
-        self.checked: dict[str, SplitSummary] = {}  # spec -> the summary of a split already loaded and checked
+        self.checked: dict[str, SplitSummary] = {}  # split name -> the summary of a split loaded and checked
 
     def spec(self, role: str) -> str:
         d = self.settings
@@ -102,39 +103,46 @@ class DataBundle:
         return first[0] if first else load()
 
     def check(self, role: str, spec: str, imageset: ImageSet) -> None:
-        """Split hygiene for the split just loaded (see the class docstring); prints warnings on rank 0."""
+        """Split hygiene for the split just loaded (see the class docstring); prints warnings on rank 0. Splits of
+        different names are compared even when they are the same folder (``--meta_val_dir`` at the train folder is
+        the fullest overlap there is)."""
         allow = self.settings.allow_split_overlap
-        summary = imageset.summary(SPLIT_OF_ROLE[role])
+        split = SPLIT_OF_ROLE[role]
+        summary = imageset.summary(split)
         lines = [duplicate_classes(summary)]
-        others = [s for k, s in self.checked.items() if k != spec]
+        others = [s for name, s in self.checked.items() if name != split]
         if role == "test":
-            others += self._peek_training_splits(spec, lines)
+            others += self._peek_training_splits(summary, lines)
         lines += [split_overlap(o, summary, allow) for o in others]  # raises unless allowed
-        self.checked[spec] = summary
+        self.checked[split] = summary
         for line in lines:
             if line and distributed.is_main():
                 print(line, flush=True)
 
-    def _peek_training_splits(self, test_spec: str, lines: list) -> list[SplitSummary]:
+    def _peek_training_splits(self, test: SplitSummary, lines: list) -> list[SplitSummary]:
         """Meta-test: the train and val splits' summaries from what is on disk, without decoding (a note line in
         ``lines`` names what could not be compared)."""
-        found, missing, seen = [], [], {test_spec, *self.checked}
+        found, missing, seen = [], [], set()
         for role in ("meta_train", "pre_train", "val"):
+            split = SPLIT_OF_ROLE[role]
             try:
                 spec = self.spec(role)
             except UserError:  # e.g. --meta_test_dir alone and a --dataset_dir that holds nothing
                 continue
-            if spec in seen:
+            if split in self.checked or spec in seen:
                 continue
             seen.add(spec)
+            if spec == test.source:  # --meta_test_dir at the train or val folder
+                found.append(replace(test, split=split))
+                continue
             try:
-                summary, why = peek_split(spec, self.eval_transform.stored_size, self.cache_dir, SPLIT_OF_ROLE[role])
+                summary, why = peek_split(spec, self.eval_transform.stored_size, self.cache_dir, split)
             except UserError as exc:
                 summary, why = None, f"it could not be read ({exc})"
             if summary is not None:
                 found.append(summary)
             if why:
-                missing.append(f"{SPLIT_OF_ROLE[role]} ({spec}: {why})")
+                missing.append(f"{split} ({spec}: {why})")
         if missing:
             lines.append(f"note: the test images were not compared with the images of the {'; '.join(missing)}; "
                          "a pre-train or meta-train with the same data flags writes the entry it needs")

@@ -116,6 +116,23 @@ def test_allow_split_overlap_runs_with_one_warning(tmp_path, capsys):
         warn[0].endswith("(allowed by --allow_split_overlap)")
 
 
+def test_validating_or_testing_on_the_train_folder_is_refused(tmp_path, capsys):
+    """The same folder as train and as val (or test) is the fullest overlap; refused, unless allowed."""
+    data = Path(make_folders(str(tmp_path / "d"), size=16, per_class=4, classes=(6, 6, 6)))
+    argv = COMMON + PRE + ["--dataset_dir", str(data), "--log_root", str(tmp_path / "logs"),
+                           "--meta_val_dir", str(data / "train")]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and err.startswith(f"error: the train split ({data / 'train'}) and the val split "
+                                      f"({data / 'train'}) share 6 class name(s)")
+    assert _run(argv + ["--allow_split_overlap"], capsys)[0] == 0
+    ev = COMMON + ["--dataset_dir", str(data), "--log_root", str(tmp_path / "logs"), "--phase", "meta_eval",
+                   "--eval_weights", str(tmp_path / "logs" / "pre" / "custom_conv4" / "max_acc.pth"),
+                   "--meta_test_dir", str(data / "train"), "--num_test_episodes", "5", "--test_query", "2"]
+    rc, _, err = _run(ev, capsys)
+    assert rc == 2 and err.startswith(f"error: the train split ({data / 'train'}) and the test split "
+                                      f"({data / 'train'}) share 6 class name(s)")
+
+
 def test_meta_eval_compares_test_with_the_cached_train_split_without_decoding_it(tmp_path, capsys, monkeypatch):
     data = Path(make_folders(str(tmp_path / "d"), size=16, per_class=4, classes=(6, 6, 6)))
     logs = tmp_path / "logs"
