@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:
         res = {"images": a.images, "stored_size": a.size, "entry_mb": round(a.images * a.size * a.size * 3 / 1e6, 1),
-               "repeat": a.repeat, **run(a.images, a.size, a.repeat, folder), "hashes_mb_per_s": hash_throughput(a.size),
+               "repeat": a.repeat, **run(a.images, a.size, a.repeat, folder),
+               "hashes_mb_per_s": hash_throughput(a.size),
                "machine": machine(), "load_avg_1_5_15_before": load_before,
                "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +133,6 @@ def test_a_damaged_entry_is_rebuilt_with_one_line(case, folder, tmp_path, capsys
     s, lines = _reload(capsys, folder, cache)
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"cache entry {npy}: ") and lines[0].endswith("; rebuilding")
-    import re
     assert re.search(why, lines[0][len(f"cache entry {npy}: "):-len("; rebuilding")]), lines[0]
     np.testing.assert_array_equal(s.images, ref)                  # the correct images again
     assert sorted(p.name for p in cache.iterdir()) == sorted([npy.name, meta.name])  # rebuilt in place

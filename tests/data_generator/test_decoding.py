@@ -203,7 +203,7 @@ def test_ycbcr_tiff(tmp_path):
     path = _save(tmp_path, _grid("YCbCr", [(100, 50, 200), (128, 128, 128), (200, 90, 60), (30, 200, 40)]), "tiff")
     assert Image.open(path).mode == "YCbCr"
 
-    def jfif(y, cb, cr):  # R = Y + 1.402 Cr', G = Y - 0.344136 Cb' - 0.714136 Cr', B = Y + 1.772 Cb', rounded, in 0..255
+    def jfif(y, cb, cr):  # R = Y + 1.402 Cr', G = Y - 0.344136 Cb' - 0.714136 Cr', B = Y + 1.772 Cb', rounded
         v = (y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128))
         return [min(255, max(0, math.floor(x + 0.5))) for x in v]
     # (100, 50, 200): 200.94 -> 201, 75.42 -> 75, -38.2 -> 0 (Pillow's own conversion truncates: 200)
