@@ -10,7 +10,7 @@ Two kinds of *spec* are read here:
   extension is not an image's (:data:`IMAGE_EXTENSIONS`, torchvision ``ImageFolder``'s list: a stray ``readme.txt``,
   ``Thumbs.db``, ``.DS_Store``) are skipped, and one line says how many were skipped and where; a file with an
   image extension that does not decode is still an error.
-  Every image goes through PIL: ``convert("RGB")`` -> resize the shorter side to ``stored_size`` (bilinear, the
+  Every image goes through PIL: :func:`to_rgb` -> resize the shorter side to ``stored_size`` (bilinear, the
   long side as ``int(stored_size * long / short)``, as torchvision ``Resize``) -> center crop
   ``stored_size x stored_size`` (offsets ``int(round((n - stored_size) / 2))``, as torchvision ``CenterCrop``).
   With the "pytorch" preprocessing ``stored_size`` is 92 and this is the official ``Resize(92)`` step; the crop to
@@ -20,26 +20,33 @@ Two kinds of *spec* are read here:
   (N,) and ``<split>_classes`` str (C,). Grey images are repeated to 3 channels; images whose size is not
   ``stored_size x stored_size`` go through the same resize + center crop as folder images.
 
-Folder splits can be cached: with ``cache_dir`` the decoded array is stored as ``<cache_dir>/<key>.npy`` plus
-``<cache_dir>/<key>.json`` (class names, labels, file list) and later loaded with ``np.load(mmap_mode="r")``.
-``key`` is the sha1 of the stored size and of every image's relative path, byte size and ``mtime_ns``, so any
-change to the files gives a new key. Both files are written to a temporary name and moved into place with
-``os.replace``; the json is written last and marks the entry as complete.
+Every image goes through :func:`to_rgb` first, which maps every Pillow mode to 8-bit RGB (16-bit and 32-bit integer
+images scaled by 1/257, floats from [0, 1], transparency composited over white, CMYK / YCbCr / HSV / LAB converted;
+docs/DATA.md has the table).
+
+Splits can be cached (:mod:`data_generator.image_cache`): with ``cache_dir`` the decoded array is stored as
+``<cache_dir>/<key>.npy`` plus its record ``<cache_dir>/<key>.json`` (class names, labels, file list, one content
+digest per image, the record's own digest) and later loaded with ``np.load(mmap_mode="r")`` after every image's
+digest is checked (a mismatch rebuilds the entry, with one line). ``key`` is the sha1 of the stored size and of
+every image's relative path, byte size and ``mtime_ns``, so any change to the files gives a new key.
+
+Every split carries its per-image digests (:attr:`ImageSet.digests`: from the cache, or computed when it is loaded
+without one), which :mod:`data_generator.hygiene` uses to find the same images in two splits.
 
 Every problem caused by the data (missing folder/pack/split, no class folders, an empty class folder, a
-subfolder inside a class folder, a file PIL cannot decode) raises :class:`utils.errors.UserError` with a
+subfolder inside a class folder, a broken or looping symbolic link, a file or folder that cannot be read, a file PIL
+cannot decode, an image whose values have no 8-bit meaning) raises :class:`utils.errors.UserError` with a
 one-line message that names the path.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
 import logging
 import math
 import multiprocessing
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -47,6 +54,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from data_generator.hygiene import SplitSummary
+from data_generator.image_cache import (CACHE_VERSION, KEY_SCHEME, cache_paths, image_digests, lookup_cache,
+                                        read_record, write_cache, digests_from_hex)
 from utils.errors import UserError
 
 __all__ = [
@@ -55,6 +65,9 @@ __all__ = [
     "check_episode_fit",
     "split_spec",
     "decode_image",
+    "to_rgb",
+    "ALPHA_BACKGROUND",
+    "peek_split",
     "CACHE_VERSION",
     "IMAGE_EXTENSIONS",
     "lookup_cache",
@@ -63,9 +76,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Bumped whenever the decoding pipeline changes, so old cache entries are not reused.
-CACHE_VERSION = "mtl-imagecache-v1"
 
 FOLDER_LAYOUT = "<root>/{train,val,test}/<class>/<image>"
 
@@ -86,6 +96,9 @@ class ImageSet:
         class_names: (C,) class names, sorted by name for folder splits, in pack order for ``.npz`` splits.
         source: the spec the split was loaded from.
         files: (N,) image paths relative to the split folder (folder splits), else ``None``.
+        digests: uint64 (N,) per-image content digests (:func:`data_generator.image_cache.image_digests`): verified
+            against the cache, or computed at load; ``None`` only for an ImageSet built by hand.
+        numbered_names: True when the reader made the class names up from label numbers (the file holds none).
     """
 
     images: np.ndarray
@@ -93,6 +106,8 @@ class ImageSet:
     class_names: list[str]
     source: str
     files: list[str] | None = None
+    digests: np.ndarray | None = None
+    numbered_names: bool = False
     _class_indices: list[np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -120,6 +135,12 @@ class ImageSet:
     def class_counts(self) -> np.ndarray:
         """int64 (C,): the number of images of each class."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def summary(self, split: str) -> SplitSummary:
+        """What :mod:`data_generator.hygiene` compares (names, labels, digests; no pixels)."""
+        digests = self.digests if self.digests is not None else image_digests(self.images)
+        return SplitSummary(split, self.source, list(self.class_names), self.labels, digests, self.files,
+                            self.numbered_names)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,18 +237,141 @@ def fit_square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode one image file to uint8 (size, size, 3): PIL -> RGB -> shorter side to size -> center crop.
+#: The background that transparent pixels are composited over (white, 255): the page a transparent PNG is shown on,
+#: and the paper of scanned characters and of the glyph packs. Used for every mode with alpha (LA, La, PA, RGBA,
+#: RGBa) and for P / L / RGB / I;16 images with a ``transparency`` entry, so one image in two modes decodes alike.
+ALPHA_BACKGROUND = 255
 
-    Raises UserError ``<path>: not a readable image (...)`` for a corrupt image or a non-image file.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) colour, uint8-valued (h, w) alpha -> uint8 (h, w, 3): round((c*a + B*(255-a)) / 255),
+    B = :data:`ALPHA_BACKGROUND` (exact integer rounding: 255 is odd, so no value is half way)."""
+    c = rgb.astype(np.uint32)
+    a = alpha.astype(np.uint32)[..., None]
+    return ((c * a + ALPHA_BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+# CIE L*a*b* (D50, the ICC profile connection space) -> sRGB: XYZ(D50) -> Bradford to D65 -> linear sRGB (IEC 61966-2-1)
+_D50 = np.array([0.96422, 1.0, 0.82521])
+_BRADFORD_D50_TO_D65 = np.array([[0.9555766, -0.0230393, 0.0631636],
+                                 [-0.0282895, 1.0099416, 0.0210077],
+                                 [0.0122982, -0.0204830, 1.3299098]])
+_XYZ_D65_TO_SRGB = np.array([[3.2404542, -1.5371385, -0.4985314],
+                             [-0.9692660, 1.8760108, 0.0415560],
+                             [0.0556434, -0.2040259, 1.0572252]])
+
+
+def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) in Pillow's LAB encoding (L* = byte * 100 / 255, a* = byte - 128, b* = byte - 128) -> uint8
+    (h, w, 3) sRGB, rounded; colours outside the sRGB gamut are clipped to it (they have no sRGB value)."""
+    lab = lab.astype(np.float64)
+    L, a, b = lab[..., 0] * (100.0 / 255.0), lab[..., 1] - 128.0, lab[..., 2] - 128.0
+    fy = (L + 16.0) / 116.0
+    f = np.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
+    d = 6.0 / 29.0
+    xyz = np.where(f > d, f ** 3, 3 * d * d * (f - 4.0 / 29.0)) * _D50
+    rgb = xyz @ (_XYZ_D65_TO_SRGB @ _BRADFORD_D50_TO_D65).T
+    rgb = np.clip(rgb, 0.0, 1.0)
+    rgb = np.where(rgb <= 0.0031308, 12.92 * rgb, 1.055 * rgb ** (1 / 2.4) - 0.055)
+    return np.floor(rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) YCbCr (JFIF, full range) -> uint8 RGB, rounded (Pillow's own conversion truncates, up to 1
+    lower); values outside 0..255 (colours the YCbCr cube holds and RGB does not) are clipped."""
+    y, cb, cr = (ycc[..., k].astype(np.float64) for k in range(3))
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                    y + 1.772 * (cb - 128)], axis=-1)
+    return np.clip(np.floor(rgb + 0.5), 0, 255).astype(np.uint8)
+
+
+def to_rgb(im: Image.Image, where: str) -> Image.Image:
+    """Any Pillow image -> an 8-bit ``RGB`` image, scaled and never clipped (docs/DATA.md, "Decoding").
+
+    * ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``HSV``: Pillow's conversion (``1``: 0 / 255; CMYK:
+      ``R = round((255 - C)(255 - K) / 255)``, no ICC profile; HSV: Pillow's hsv2rgb, rounded);
+    * ``YCbCr``: the JFIF full-range equations, rounded (:func:`_ycbcr_to_rgb`);
+    * ``I;16`` (any byte order) and ``I``: 16-bit values 0..65535 (Pillow reads 16-bit PNG / PGM / TIFF grey so)
+      -> ``round(x / 257)``, so 65535 is 255 and 257 is 1 (Pillow's own conversion clips everything above 255 to
+      white). An ``I`` image with values outside 0..65535 has no such meaning: UserError naming ``where``;
+    * ``F``: the float-image convention of numpy / scikit-image / torchvision, [0, 1] -> ``round(255 x)``; values
+      outside [0, 1] or not finite: UserError (Pillow's own conversion reads floats as 0..255 and would make every
+      [0, 1] image black);
+    * ``LAB``: CIE L*a*b* (D50, Pillow's 8-bit encoding) -> sRGB by the CIE / IEC equations (:func:`_lab_to_srgb`);
+      Pillow's plain conversion copies the bytes as if they were RGB;
+    * alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, or a ``transparency`` entry): composited over
+      :data:`ALPHA_BACKGROUND` (Pillow's conversion drops alpha and shows whatever colour transparent pixels hold).
+    """
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        a = np.asarray(im)
+        a = a.astype(np.int64) if a.dtype.kind in "iu" else a
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise UserError(f"{where}: a 32-bit integer image with values {lo}..{hi}, outside the 16-bit range "
+                            "0..65535 that is scaled to 8 bits; save it as an 8- or 16-bit image")
+        v = ((a + 128) // 257).astype(np.uint8)
+        rgb = np.repeat(v[..., None], 3, axis=2)
+        t = im.info.get("transparency")
+        if isinstance(t, int):
+            rgb = _composite(rgb, np.where(a == t, 0, 255))
+        return Image.fromarray(rgb, mode="RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        finite = bool(np.isfinite(a).all())
+        lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size and not np.isnan(a).all() else (0.0, 0.0)
+        if not finite or lo < 0.0 or hi > 1.0:
+            what = "non-finite values" if not finite else f"values {lo:g}..{hi:g}"
+            raise UserError(f"{where}: a floating-point image with {what}, outside [0, 1], the range that is "
+                            "scaled to 8 bits; save it scaled to [0, 1], or as an 8-bit image")
+        v = np.floor(a * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(np.repeat(v[..., None], 3, axis=2), mode="RGB")
+    if mode == "LAB":
+        # the bands, not np.asarray(im): Pillow stores a* and b* as signed bytes inside; split() gives the 128-offset
+        return Image.fromarray(_lab_to_srgb(np.stack([np.asarray(b) for b in im.split()], axis=-1)), mode="RGB")
+    if mode == "YCbCr":
+        return Image.fromarray(_ycbcr_to_rgb(np.asarray(im)), mode="RGB")
+    if mode in ("La", "RGBa"):  # premultiplied: c' = c a / 255, so over the background it is c' + B (255 - a) / 255
+        arr = np.asarray(im).astype(np.uint32)
+        c, a = (arr[..., :1], arr[..., 1:]) if mode == "La" else (arr[..., :3], arr[..., 3:])
+        out = np.minimum(c + (ALPHA_BACKGROUND * (255 - a) + 127) // 255, 255).astype(np.uint8)
+        return Image.fromarray(np.broadcast_to(out, arr.shape[:2] + (3,)).copy(), mode="RGB")
+    if "A" in im.getbands() or im.has_transparency_data:
+        rgba = np.asarray(im.convert("RGBA"))
+        return Image.fromarray(_composite(rgba[..., :3], rgba[..., 3]), mode="RGB")
+    return im.convert("RGB")
+
+
+def _read_failure(path: str, exc: BaseException) -> UserError:
+    """The one line for an image file that cannot be opened or decoded."""
+    if isinstance(exc, PermissionError):
+        return UserError(f"cannot read the image {path}: permission denied (make it readable for this user, "
+                         "e.g. chmod a+r)")
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return UserError(f"{path} is a symbolic link loop; remove it or point it at an image")
+    if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+        return UserError(f"{path} is a broken symbolic link (its target {os.readlink(path)} does not exist); "
+                         "remove it or restore the target")
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path}: not a readable image ({detail})")
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode one image file to uint8 (size, size, 3): PIL -> :func:`to_rgb` -> shorter side to size -> center crop.
+
+    Raises UserError ``<path>: not a readable image (...)`` for a corrupt image or a non-image file, and one line
+    for an unreadable file or an image whose values have no 8-bit meaning (:func:`to_rgb`).
     """
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im, path)
         arr = fit_square(rgb, size)
+    except UserError:
+        raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable image ({detail})") from None
+        raise _read_failure(path, exc) from None
     return arr
 
 
@@ -265,41 +409,69 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
+def _list(folder: str, what: str) -> list[os.DirEntry]:
+    """The entries of ``folder``, sorted by name; UserError naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        raise UserError(f"cannot list {what} {folder}: permission denied (make it readable for this user, "
+                        "e.g. chmod a+rx)") from None
+    except OSError as exc:
+        raise UserError(f"cannot list {what} {folder}: {exc.strerror or exc}") from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is (or links to) a folder; a symbolic link that is broken or loops is a UserError naming it
+    (a plain ``isdir`` would call it "not a folder" and a later ``stat`` would be a traceback)."""
+    if not entry.is_symlink():
+        return entry.is_dir(follow_symlinks=False)
+    try:
+        os.stat(entry.path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{entry.path} is a symbolic link loop; remove it or point it at a real "
+                            f"{'folder' if not _is_image_name(entry.name) else 'image'}") from None
+        if isinstance(exc, FileNotFoundError):
+            raise UserError(f"{entry.path} is a broken symbolic link (its target {os.readlink(entry.path)} does not "
+                            "exist); remove it or restore the target") from None
+        raise _read_failure(entry.path, exc) from None
+    return entry.is_dir()
+
+
+def _scan_folder(root: str, quiet: bool = False) -> tuple[list[str], list[str], np.ndarray]:
     """-> (class_names (C,), files (N,) relative to root with "/" separators, labels int64 (N,)).
 
-    Hidden entries and files that are not images by extension are skipped, with one printed line that counts them
-    and names the split folder and the first one skipped.
+    Hidden entries and files that are not images by extension are skipped, with one printed line (unless ``quiet``)
+    that counts them and names the split folder and the first one skipped. Broken or looping symbolic links and
+    folders that cannot be listed are UserErrors naming the path.
     """
     if not os.path.isdir(root):
         what = "is not a folder" if os.path.exists(root) else "not found"
+        if os.path.islink(root) and not os.path.exists(root):
+            what = f"is a broken symbolic link (its target {os.readlink(root)} does not exist)"
         raise UserError(f"dataset split folder {root} {what} (expected layout {FOLDER_LAYOUT})")
-    try:
-        all_entries = sorted(os.listdir(root))
-    except OSError as exc:
-        raise UserError(f"cannot list dataset split folder {root}: {exc.strerror}") from None
-    entries = _visible(all_entries)
-    skipped = [e for e in all_entries if e.startswith(".")]
-    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    skipped += [e for e in entries if e not in classes]  # stray files beside the class folders
+    all_entries = _list(root, "dataset split folder")
+    skipped = [e.name for e in all_entries if e.name.startswith(".")]
+    entries = [e for e in all_entries if not e.name.startswith(".")]
+    classes = [e.name for e in entries if _is_dir(e)]
+    skipped += [e.name for e in entries if e.name not in classes]  # stray files beside the class folders
     if not classes:
         raise UserError(f"dataset split folder {root} has no class folders (expected layout {FOLDER_LAYOUT})")
     files: list[str] = []
     labels: list[int] = []
     for c, name in enumerate(classes):
         cdir = os.path.join(root, name)
-        try:
-            names = sorted(os.listdir(cdir))
-        except OSError as exc:
-            raise UserError(f"cannot list class folder {cdir}: {exc.strerror}") from None
-        if not _visible(names):
+        listed = _list(cdir, "class folder")
+        if not _visible(e.name for e in listed):
             raise UserError(f"class folder {cdir} is empty (expected layout {FOLDER_LAYOUT})")
         kept = 0
-        for fname in names:
+        for entry in listed:
+            fname = entry.name
             if fname.startswith("."):
                 skipped.append(f"{name}/{fname}")
                 continue
-            if os.path.isdir(os.path.join(cdir, fname)):
+            if _is_dir(entry):
                 raise UserError(
                     f"class folder {cdir} contains the subfolder {fname}; class folders must hold images only "
                     f"(expected layout {FOLDER_LAYOUT})"
@@ -313,90 +485,29 @@ def _scan_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
         if not kept:
             raise UserError(f"class folder {cdir} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}; "
                             f"expected layout {FOLDER_LAYOUT})")
-    if skipped:
+    if skipped and not quiet:
         print(f"skipped {len(skipped)} file(s) in {root} that are hidden or not images by extension "
               f"(first: {skipped[0]})", flush=True)
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
-def _cache_key(root: str, files: Sequence[str], stored_size: int) -> str:
-    """sha1 over (version, stored_size, each relative path with its byte size and mtime_ns)."""
-    h = hashlib.sha1()
-    h.update(f"{CACHE_VERSION}\n{int(stored_size)}\n".encode())
-    for rel in files:
-        st = os.stat(os.path.join(root, rel))
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _tmp_name(path: str) -> str:
-    d, base = os.path.split(path)
-    return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _load_cached(npy: str, meta: str, n: int | None, size: int, files: list[str]) -> tuple[np.ndarray, dict] | None:
-    """The cached (images memmap, meta) when both files exist and agree with the scan (``n`` images, or as many as
-    the entry's labels when ``n`` is None; the same ``files``), else None."""
-    if not (os.path.isfile(npy) and os.path.isfile(meta)):
-        return None
+def stat_key(h: "hashlib._Hash", path: str, rel: str) -> None:
+    """Add ``rel``, the byte size and the ``mtime_ns`` of ``path`` to the cache key ``h``; UserError naming the
+    path when it cannot be read (a link that broke since the scan, no permission)."""
     try:
-        with open(meta, encoding="utf-8") as fh:
-            info = json.load(fh)
-        images = np.load(npy, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring the broken image cache entry %s (%s)", npy, exc)
-        return None
-    if n is None:
-        n = len(info.get("labels", ()))
-    if images.dtype != np.uint8 or images.shape != (n, size, size, 3) or info.get("files") != files:
-        log.warning("ignoring the inconsistent image cache entry %s", npy)
-        return None
-    return images, info
-
-
-def cache_paths(cache_dir: str, key: str) -> tuple[str, str]:
-    """``(<cache_dir>/<key>.npy, <cache_dir>/<key>.json)``: the image array and its meta (written last)."""
-    return os.path.join(cache_dir, f"{key}.npy"), os.path.join(cache_dir, f"{key}.json")
-
-
-def lookup_cache(cache_dir: str, key: str, stored_size: int, files: list[str]) -> tuple[np.ndarray, dict] | None:
-    """A complete cache entry (images memmap uint8 (N, S, S, 3), its meta dict) for ``key``, or None."""
-    npy, meta = cache_paths(cache_dir, key)
-    return _load_cached(npy, meta, None, stored_size, files)
-
-
-def write_cache(cache_dir: str, key: str, n: int, stored_size: int, fill, info: dict) -> np.ndarray:
-    """Create the entry ``key``: ``fill(out)`` writes the uint8 (n, S, S, 3) images into a memmap under a temporary
-    name; then the array and ``info`` (json, with ``version`` and ``stored_size`` added) are moved into place, the
-    json last (it marks the entry complete). On any failure (a UserError from ``fill`` included) both temporary
-    files are removed, so nothing half-written stays. Returns the entry's images as a read-only memmap."""
-    npy, meta = cache_paths(cache_dir, key)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = _tmp_name(npy)
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, stored_size, stored_size, 3))
+        st = os.stat(path)
     except OSError as exc:
-        raise UserError(f"cannot write the image cache in {cache_dir}: {exc.strerror or exc}") from None
-    tmp_meta = None
-    try:
-        fill(arr)
-        arr.flush()
-        del arr
-        os.replace(tmp, npy)
-        info = {"version": CACHE_VERSION, "stored_size": int(stored_size), **info}
-        tmp_meta = _tmp_name(meta)
-        with open(tmp_meta, "w", encoding="utf-8") as fh:
-            json.dump(info, fh)
-        os.replace(tmp_meta, meta)
-    except BaseException:
-        for p in (tmp, tmp_meta):
-            if p and os.path.exists(p):
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-        raise
-    return np.load(npy, mmap_mode="r")
+        raise _read_failure(path, exc) from None
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+
+
+def _cache_key(root: str, files: Sequence[str], stored_size: int) -> str:
+    """sha1 over (:data:`KEY_SCHEME`, stored_size, each relative path with its byte size and mtime_ns)."""
+    h = hashlib.sha1()
+    h.update(f"{KEY_SCHEME}\n{int(stored_size)}\n".encode())
+    for rel in files:
+        stat_key(h, os.path.join(root, rel), rel)
+    return h.hexdigest()
 
 
 def _load_folder(root: str, stored_size: int, cache_dir: str | None, num_workers: int) -> ImageSet:
@@ -407,20 +518,60 @@ def _load_folder(root: str, stored_size: int, cache_dir: str | None, num_workers
         log.info("decoding %d images from %s", n, root)
         images = np.empty((n, stored_size, stored_size, 3), dtype=np.uint8)
         _decode_all(paths, stored_size, images, num_workers)
-        return ImageSet(images, labels, classes, root, files)
+        return ImageSet(images, labels, classes, root, files, image_digests(images))
 
     key = _cache_key(root, files, stored_size)
-    npy, meta = cache_paths(cache_dir, key)
-    cached = _load_cached(npy, meta, n, stored_size, files)
-    if cached is not None:
-        log.info("loaded %d decoded images of %s from the cache %s", n, root, npy)
-        return ImageSet(cached[0], labels, classes, root, files)
+    hit = lookup_cache(cache_dir, key, stored_size, files, n)
+    if hit is not None and hit.record.get("class_names") == classes and hit.record.get("labels") == labels.tolist():
+        log.info("loaded %d decoded images of %s from the cache %s", n, root, cache_paths(cache_dir, key)[0])
+        return ImageSet(hit.images, labels, classes, root, files, hit.digests)
 
-    log.info("decoding %d images from %s into the cache %s", n, root, npy)
+    log.info("decoding %d images from %s into the cache %s", n, root, cache_dir)
     info = {"source": os.path.abspath(root), "class_names": classes, "labels": labels.tolist(), "files": files}
-    images = write_cache(cache_dir, key, n, stored_size,
-                         lambda out: _decode_all(paths, stored_size, out, num_workers), info)
-    return ImageSet(images, labels, classes, root, files)
+    entry = write_cache(cache_dir, key, n, stored_size,
+                        lambda out: _decode_all(paths, stored_size, out, num_workers), info)
+    return ImageSet(entry.images, labels, classes, root, files, entry.digests)
+
+
+def _summary_from_record(record: dict, split: str, spec: str) -> SplitSummary:
+    files = record.get("image_files") if "format" in record else record.get("files")
+    return SplitSummary(split, spec, list(record["class_names"]), np.asarray(record["labels"], dtype=np.int64),
+                        digests_from_hex(record["image_digests"]), files, bool(record.get("numbered_names")))
+
+
+def peek_split(spec: str, stored_size: int, cache_dir: str | None, split: str) -> tuple[SplitSummary | None, str]:
+    """What :mod:`data_generator.hygiene` needs of a split, without decoding it: ``(summary, why)``.
+
+    A pack (``.npz``; packs are small) is loaded. For class folders and benchmark files the split's cache entry is
+    read, its record only (verified by its own digest; the images are not opened): the class names, labels and
+    per-image digests. Without an entry: for class folders the class names alone (``summary.digests`` None), for
+    benchmark files nothing (their names are inside the files). ``why`` says what could not be compared ("" when
+    everything could); ``(None, "")`` when the split does not exist (nothing to compare with)."""
+    npz = _parse_npz_spec(spec)
+    if npz is not None:
+        if not os.path.isfile(npz[0]):
+            return None, ""
+        return load_split(spec, stored_size).summary(split), ""
+    root, sep, rest = spec.rpartition("#")
+    no_entry = ("--cache_dir none" if cache_dir is None else
+                f"no cache entry of it in {cache_dir} at this --image_size / --preprocess")
+    if sep and os.path.isdir(root):
+        from data_generator.formats import format_cache_key
+        if cache_dir is None:
+            return None, no_entry
+        key, rel = format_cache_key(root, rest, stored_size)
+        record, _ = read_record(cache_paths(cache_dir, key)[1])
+        if record is None or record.get("files") != rel:
+            return None, no_entry
+        return _summary_from_record(record, split, spec), ""
+    if not os.path.isdir(spec):
+        return None, ""
+    classes, files, labels = _scan_folder(spec, quiet=True)
+    if cache_dir is not None:
+        record, _ = read_record(cache_paths(cache_dir, _cache_key(spec, files, stored_size))[1])
+        if record is not None and record.get("files") == files:
+            return _summary_from_record(record, split, spec), ""
+    return SplitSummary(split, spec, classes, labels, None, files), no_entry
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,7 +630,8 @@ def _load_npz(path: str, split: str, stored_size: int, spec: str) -> ImageSet:
         images = out
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=3)
-    return ImageSet(np.ascontiguousarray(images), labels, class_names, spec)
+    images = np.ascontiguousarray(images)
+    return ImageSet(images, labels, class_names, spec, None, image_digests(images))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

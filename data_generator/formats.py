@@ -38,6 +38,7 @@ file can run code). Problems with the files raise :class:`utils.errors.UserError
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -50,13 +51,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from data_generator.dataset_loader import (CACHE_VERSION, ImageSet, _decode_all, fit_square, lookup_cache,
-                                           write_cache)
+from data_generator.dataset_loader import ImageSet, _decode_all, fit_square, stat_key, to_rgb
+from data_generator.image_cache import KEY_SCHEME, image_digests, lookup_cache, write_cache
 from utils.errors import UserError
 from utils.safe_pickle import load_pickle, stream_pickle_list
 
-__all__ = ["detect_formats", "format_split_spec", "load_format_split", "split_files", "BENCHMARKS", "KINDS",
-           "CIFAR100_SPLITS"]
+__all__ = ["detect_formats", "format_split_spec", "load_format_split", "format_cache_key", "split_files",
+           "BENCHMARKS", "KINDS", "CIFAR100_SPLITS"]
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,19 @@ class Prepared:
     labels: np.ndarray
     fill: Callable[[np.ndarray], None]
     files: list[str] | None = None
+    numbered_names: bool = False  # the names are label numbers (the file holds none): not compared across splits
 
 
 def _need(path: str, root: str, split: str, kind: str, expected: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{path} is a symbolic link loop; remove it or point it at the {split} split file "
+                                "of the benchmark") from None
+        raise UserError(f"{path} is a broken symbolic link (its target {os.readlink(path)} does not exist); remove "
+                        "it or restore the target") from None
     if not os.path.isfile(path):
         raise UserError(f"dataset folder {root} ({kind}): the {split} split file {os.path.basename(path)} is missing "
                         f"(expected {expected})")
@@ -296,8 +307,10 @@ def _decode_bytes(blob: Any, size: int, where: str) -> np.ndarray:
         else:
             raw = bytes(blob)
         with Image.open(io.BytesIO(raw)) as im:
-            rgb = im.convert("RGB")
+            rgb = to_rgb(im, where)
         return fit_square(rgb, size)
+    except UserError:
+        raise
     except Image.UnidentifiedImageError:
         raise UserError(f"{where}: not a readable image (neither PNG nor JPEG nor another format PIL reads)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...; bytes() a TypeError
@@ -325,6 +338,11 @@ def _read_csv(root: str, bench: str, split: str, files: list[str], size: int, wo
                     raise UserError(f"{path} line {line}: expected 'filename,label', got '{','.join(row)}'")
                 fname, label = row[0].strip(), row[1].strip()
                 if not os.path.isfile(os.path.join(root, "images", fname)):
+                    img = os.path.join(root, "images", fname)
+                    if os.path.islink(img):
+                        raise UserError(f"{path} line {line}: the image {img} is a broken symbolic link (its target "
+                                        f"{os.readlink(img)} does not exist or loops); remove it or restore the "
+                                        "target")
                     raise UserError(f"{path} line {line}: the image images/{fname} is missing")
                 rows.append((fname, label))
     except (OSError, UnicodeDecodeError) as exc:
@@ -349,12 +367,13 @@ def _read_metaoptnet(root: str, bench: str, split: str, files: list[str], size: 
     for k in ("catname2label", b"catname2label"):
         if isinstance(d, dict) and k in d:
             cat = d[k]
+    numbered = True
     if isinstance(cat, dict):
         by_label = {int(v): _name(k) for k, v in cat.items()}
         if all(int(v) in by_label for v in names):
-            names = by_label
+            names, numbered = by_label, False
     classes, out_labels, order = _group([names[int(v)] for v in labels])
-    return Prepared(classes, out_labels, _fill_from_array(data, order, size))
+    return Prepared(classes, out_labels, _fill_from_array(data, order, size), numbered_names=numbered)
 
 
 def _read_learn2learn(root: str, bench: str, split: str, files: list[str], size: int, workers: int) -> Prepared:
@@ -428,8 +447,9 @@ def _read_tiered(root: str, bench: str, split: str, files: list[str], size: int,
     for k in ("label_specific_str", b"label_specific_str"):
         if isinstance(d, dict) and k in d:
             strs = [_name(x) for x in d[k]]
+    numbered = True
     if strs is not None and labels.size and labels.min() >= 0 and labels.max() < len(strs):
-        names = {v: strs[v] for v in names}
+        names, numbered = {v: strs[v] for v in names}, False
     classes, out_labels, order = _group([names[int(v)] for v in labels])
     n = len(labels)
     pos = np.empty(n, dtype=np.int64)
@@ -438,7 +458,8 @@ def _read_tiered(root: str, bench: str, split: str, files: list[str], size: int,
     if images_path.endswith(".npz"):
         n_img, _ = _npz_images_header(images_path)
         _same_length(n_img, n, labels_path, f"{os.path.basename(images_path)} 'images'", f"'{key}'")
-        return Prepared(classes, out_labels, lambda out: _stream_npz(images_path, pos, size, out))
+        return Prepared(classes, out_labels, lambda out: _stream_npz(images_path, pos, size, out),
+                        numbered_names=numbered)
 
     def fill(out: np.ndarray) -> None:
         def put(i: int, blob: Any) -> None:
@@ -447,7 +468,7 @@ def _read_tiered(root: str, bench: str, split: str, files: list[str], size: int,
             out[pos[i]] = _decode_bytes(blob, size, f"{images_path} image {i}")
         count = stream_pickle_list(images_path, put)
         _same_length(count, n, labels_path, os.path.basename(images_path), f"'{key}'")
-    return Prepared(classes, out_labels, fill)
+    return Prepared(classes, out_labels, fill, numbered_names=numbered)
 
 
 def _read_cifar100(root: str, bench: str, split: str, files: list[str], size: int, workers: int) -> Prepared:
@@ -510,18 +531,14 @@ READERS: dict[str, Callable[..., Prepared]] = {
 # ---------------------------------------------------------------------------------------------------------------------
 def _key(kind: str, bench: str, split: str, size: int, root: str, files: Sequence[str]) -> str:
     h = hashlib.sha1()
-    h.update(f"{CACHE_VERSION}\nformat {kind} {bench} {split}\n{int(size)}\n".encode())
+    h.update(f"{KEY_SCHEME}\nformat {kind} {bench} {split}\n{int(size)}\n".encode())
     for p in files:
-        st = os.stat(p)
-        h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        stat_key(h, p, os.path.relpath(p, root))
     return h.hexdigest()
 
 
-def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | None = None,
-                      num_workers: int = 0) -> ImageSet:
-    """One split of the benchmark files in ``root``: ``rest`` is ``"<kind>:<benchmark>:<split>"`` (what
-    :func:`format_split_spec` wrote after the ``#``). Returns an ImageSet of uint8 (N, S, S, 3) images, S =
-    ``stored_size``, from the cache when ``cache_dir`` holds the entry for these files."""
+def _parse(root: str, rest: str) -> tuple[str, str, str, list[str]]:
+    """``"<kind>:<benchmark>:<split>"`` -> (kind, benchmark, split, the split's files); UserError if malformed."""
     spec = f"{root}#{rest}"
     parts = rest.split(":")
     if len(parts) != 3 or parts[0] not in READERS or parts[2] not in SPLITS:
@@ -532,7 +549,26 @@ def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | N
         allowed = list(METAOPTNET_FILES) if kind == "metaoptnet" else ["FC100", "CIFAR-FS"]
         if bench not in allowed:
             raise UserError(f"dataset spec {spec}: benchmark must be one of {', '.join(allowed)} for {kind}")
-    files = split_files(root, kind, bench, split)
+    return kind, bench, split, split_files(root, kind, bench, split)
+
+
+def format_cache_key(root: str, rest: str, stored_size: int) -> tuple[str, list[str]]:
+    """(the cache key of one split of the benchmark files, the files it was made from relative to ``root``), from
+    file names, sizes and times only (no pickle is read; a csv's image list is)."""
+    kind, bench, split, files = _parse(root, rest)
+    # every image a csv lists is part of the key (a replaced image gives a new entry)
+    key_files = files + _csv_images(files[0], root) if kind == "csv" else files
+    return _key(kind, bench, split, stored_size, root, key_files), [os.path.relpath(p, root) for p in key_files]
+
+
+def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | None = None,
+                      num_workers: int = 0) -> ImageSet:
+    """One split of the benchmark files in ``root``: ``rest`` is ``"<kind>:<benchmark>:<split>"`` (what
+    :func:`format_split_spec` wrote after the ``#``). Returns an ImageSet of uint8 (N, S, S, 3) images, S =
+    ``stored_size``, from the cache when ``cache_dir`` holds a valid entry for these files (labels, class names and
+    every image verified against their checksums, :mod:`data_generator.image_cache`)."""
+    spec = f"{root}#{rest}"
+    kind, bench, split, files = _parse(root, rest)
 
     def prepare() -> Prepared:
         return READERS[kind](root, bench, split, files, stored_size, num_workers)
@@ -542,24 +578,22 @@ def load_format_split(root: str, rest: str, stored_size: int, cache_dir: str | N
         p = prepare()
         images = np.empty((len(p.labels), stored_size, stored_size, 3), dtype=np.uint8)
         p.fill(images)
-        return ImageSet(images, p.labels, p.class_names, spec, p.files)
+        return ImageSet(images, p.labels, p.class_names, spec, p.files, image_digests(images), p.numbered_names)
 
-    # every image a csv lists is part of the key (a replaced image gives a new entry)
-    key_files = files + _csv_images(files[0], root) if kind == "csv" else files
-    rel = [os.path.relpath(p, root) for p in key_files]
-    key = _key(kind, bench, split, stored_size, root, key_files)
+    key, rel = format_cache_key(root, rest, stored_size)
     hit = lookup_cache(cache_dir, key, stored_size, rel)
     if hit is not None:
-        images, info = hit
-        log.info("loaded %d decoded images of %s from the cache", len(images), spec)
-        return ImageSet(images, np.asarray(info["labels"], dtype=np.int64), list(info["class_names"]), spec,
-                        info.get("image_files"))
+        r = hit.record
+        log.info("loaded %d decoded images of %s from the cache", len(hit.images), spec)
+        return ImageSet(hit.images, np.asarray(r["labels"], dtype=np.int64), list(r["class_names"]), spec,
+                        r.get("image_files"), hit.digests, bool(r.get("numbered_names")))
     p = prepare()
     log.info("converting %d images of %s into the cache %s", len(p.labels), spec, cache_dir)
     info = {"source": os.path.abspath(root), "format": kind, "benchmark": bench, "split": split,
-            "class_names": p.class_names, "labels": p.labels.tolist(), "files": rel, "image_files": p.files}
-    images = write_cache(cache_dir, key, len(p.labels), stored_size, p.fill, info)
-    return ImageSet(images, p.labels, p.class_names, spec, p.files)
+            "class_names": p.class_names, "labels": p.labels.tolist(), "files": rel, "image_files": p.files,
+            "numbered_names": p.numbered_names}
+    entry = write_cache(cache_dir, key, len(p.labels), stored_size, p.fill, info)
+    return ImageSet(entry.images, p.labels, p.class_names, spec, p.files, entry.digests, p.numbered_names)
 
 
 def _csv_images(path: str, root: str) -> list[str]:

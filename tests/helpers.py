@@ -51,13 +51,16 @@ def make_npz(path: str, size: int = 16, per_class: int = 20, classes=(12, 6, 6),
 
 def make_folders(root: str, size: int = 16, per_class: int = 20, classes=(12, 6, 6), seed: int = 0,
                  ext: str = "png") -> str:
-    """The official layout ``root/{train,val,test}/<class>/<image>``."""
+    """The official layout ``root/{train,val,test}/<class>/<image>``. Class names are numbered across the splits
+    (train ``n0000``.., then val, then test), as real splits never share a class (split hygiene refuses that)."""
+    first = 0
     for i, split in enumerate(("train", "val", "test")):
         imgs, labels = make_split(classes[i], per_class, size, seed + 101 * i)
         for j, (img, lab) in enumerate(zip(imgs, labels)):
-            d = os.path.join(root, split, f"n{lab:04d}")
+            d = os.path.join(root, split, f"n{first + lab:04d}")
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{j:05d}.{ext}"))
+        first += classes[i]
     return root
 
 

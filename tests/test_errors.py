@@ -28,7 +28,7 @@ from tests.tf_files import SLIM, official_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ERRORS.md"
-SUBPROCESS = ("E01", "E11", "E16", "E43")
+SUBPROCESS = ("E01", "E11", "E16", "E43", "E71", "E72", "E80")
 
 COMMON = ["--dataset", "custom", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper",
           "--num_val_episodes", "10", "--num_test_episodes", "10", "--seed", "1", "--quiet", "--device", "cpu",
@@ -227,6 +227,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return distributed_case(cid, c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
+    if cid in DATA_CASES:
+        return DATA_CASES[cid](c, monkeypatch)
     if cid in TF_ROWS:
         return tf_case_argv(cid, c, monkeypatch)
     raise KeyError(cid)
@@ -340,6 +342,194 @@ FORMAT_CASES = {"E36": _e36, "E37": _e37, "E38": _e38, "E39": _e39, "E40": _e40,
                 "E43": _e43, "E44": _e44, "E45": _e45, "E46": _e46, "E47": _e47, "E48": _e48}
 
 
+# ------------------------------------------------------------------ issue 20, part DATA: faults while reading data,
+# the image cache, split hygiene, decoding (E71-E89)
+def _folders(c: Case, **kw) -> Path:
+    return c.folders(**kw)
+
+
+def _deny(monkeypatch, path: Path, kind: str) -> None:
+    """Make ``path`` unreadable: chmod for a normal user; as root (which reads everything) the refusal is injected
+    at the call that would fail (tests/data_generator/test_cache_integrity.py has the real read-only folder)."""
+    os.chmod(path, 0)
+    if os.geteuid() != 0:
+        return
+    import errno as _errno
+    if kind == "file":
+        from PIL import Image as _Image
+        real_open = _Image.open
+
+        def fake_open(fp, *a, **kw):
+            if str(fp) == str(path):
+                raise PermissionError(_errno.EACCES, "Permission denied", str(path))
+            return real_open(fp, *a, **kw)
+        monkeypatch.setattr(_Image, "open", fake_open)
+    elif kind == "dir":
+        real_scandir = os.scandir
+
+        def fake_scandir(p="."):
+            if str(p) == str(path):
+                raise PermissionError(_errno.EACCES, "Permission denied", str(path))
+            return real_scandir(p)
+        monkeypatch.setattr(os, "scandir", fake_scandir)
+    else:  # a folder that takes no new file
+        real = np.lib.format.open_memmap
+
+        def fake_memmap(filename, *a, **kw):
+            if str(filename).startswith(str(path)):
+                raise PermissionError(_errno.EACCES, "Permission denied", str(filename))
+            return real(filename, *a, **kw)
+        monkeypatch.setattr(np.lib.format, "open_memmap", fake_memmap)
+
+
+def _restore(path: Path):
+    def after() -> bool:
+        os.chmod(path, 0o755)
+        return True
+    return after
+
+
+def _e71(c, mp):  # a broken symbolic link in a class folder
+    root = _folders(c)
+    os.symlink(c.tmp / "gone.png", root / "train" / "n0001" / "00099.png")
+    return c.argv(*PRE, data=root)
+
+
+def _e72(c, mp):  # a symbolic link loop in a class folder
+    root = _folders(c)
+    os.symlink("loop.png", root / "train" / "n0001" / "loop.png")
+    return c.argv(*PRE, data=root)
+
+
+def _e73(c, mp):  # a class folder that is a broken symbolic link
+    root = _folders(c)
+    os.symlink(c.tmp / "unmounted" / "n0077", root / "val" / "n0077")
+    return c.argv(*PRE, data=root)
+
+
+def _e74(c, mp):  # an image that cannot be read
+    root = _folders(c)
+    img = root / "train" / "n0002" / "00009.png"
+    _deny(mp, img, "file")
+    c.after = lambda: os.chmod(img, 0o644) or True
+    return c.argv(*PRE, data=root)
+
+
+def _e75(c, mp):  # a class folder that cannot be listed
+    root = _folders(c)
+    d = root / "val" / "n0007"
+    _deny(mp, d, "dir")
+    c.after = _restore(d)
+    return c.argv(*PRE, data=root)
+
+
+def _cached_train(c: Case, root: Path, cache: Path) -> dict:
+    from data_generator.dataset_loader import load_split
+    load_split(str(root / "train"), 16, cache_dir=str(cache))
+    return tree_hashes(cache)
+
+
+def _e76(c, mp):  # a read-only cache folder that must take a new entry (train is cached, val is not)
+    root, cache = _folders(c), c.tmp / "rocache"
+    before = _cached_train(c, root, cache)
+    _deny(mp, cache, "folder")
+    os.chmod(cache, 0o555)
+    c.after = lambda: os.chmod(cache, 0o755) or tree_hashes(cache) == before
+    return c.argv(*PRE, "--cache_dir", str(cache), data=root)
+
+
+def _e77(c, mp):  # the disk of the cache folder is full
+    import errno as _errno
+
+    def full(fd, offset, length):
+        raise OSError(_errno.ENOSPC, "No space left on device")
+    mp.setattr(os, "posix_fallocate", full)
+    cache = c.tmp / "fullcache"
+    c.after = lambda: os.listdir(cache) == []  # nothing half-written stays
+    return c.argv(*PRE, "--cache_dir", str(cache), data=_folders(c))
+
+
+def _e78(c, mp):  # --cache_dir names a file
+    (c.tmp / "cachefile").write_text("x")
+    return c.argv(*PRE, "--cache_dir", str(c.tmp / "cachefile"), data=_folders(c))
+
+
+def _e79(c, mp):  # a class name in both train and val
+    root = _folders(c)
+    os.rename(root / "val" / "n0007", root / "val" / "n0001")
+    return c.argv(*PRE, data=root)
+
+
+def _e80(c, mp):  # a val class folder that links to a train class (another name, the same images); no cache:
+    root = _folders(c)  # the digests computed at load are compared (and the subprocess run leaves no file)
+    os.symlink(root / "train" / "n0003", root / "val" / "n0099")
+    return c.argv(*PRE, "--cache_dir", "none", data=root)
+
+
+def _e81(c, mp):  # meta_eval: a test image that is also a train image, found in the train split's cache entry
+    root = _folders(c)
+    shutil.copy(root / "train" / "n0002" / "00010.png", root / "test" / "n0014" / "00099.png")
+    _cached_train(c, root, c.logs / "cache")
+    return c.argv(*EVAL, "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"), data=root)
+
+
+def _e82(c, mp):  # meta_eval without a cache: a test class named like a train class
+    root = _folders(c)
+    os.rename(root / "test" / "n0013", root / "test" / "n0004")
+    return c.argv(*EVAL, "--cache_dir", "none", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"), data=root)
+
+
+def _e83(c, mp):  # a 32-bit integer image beyond 16 bits
+    from PIL import Image as _Image
+    root = _folders(c)
+    _Image.fromarray(np.full((16, 16), 70000, np.int32), mode="I").save(root / "train" / "n0001" / "deep.tif")
+    return c.argv(*PRE, data=root)
+
+
+def _e84(c, mp):  # a float image in 0..255 instead of [0, 1]
+    from PIL import Image as _Image
+    root = _folders(c)
+    _Image.fromarray(np.full((16, 16), 200.0, np.float32), mode="F").save(root / "train" / "n0001" / "float.tif")
+    return c.argv(*PRE, data=root)
+
+
+def _e85(c, mp):  # a benchmark split file that is a broken symbolic link
+    root = _fake(c, "metaoptnet")
+    os.remove(os.path.join(root, "FC100_val.pickle"))
+    os.symlink("/nowhere/FC100_val.pickle", os.path.join(root, "FC100_val.pickle"))
+    return c.argv(*PRE, data=root)
+
+
+def _e86(c, mp):  # an image a csv lists that is a broken symbolic link
+    root = Path(_fake(c, "csv"))
+    img = sorted((root / "images").iterdir())[3]
+    img.unlink()
+    os.symlink(c.tmp / "gone.png", img)
+    return c.argv(*PRE, data=root)
+
+
+def _e87(c, mp):  # a benchmark pickle that cannot be read
+    root = Path(_fake(c, "metaoptnet"))
+    p = root / "FC100_train.pickle"
+    os.chmod(p, 0)
+    c.after = lambda: os.chmod(p, 0o644) or True
+    if os.geteuid() == 0:  # root reads everything: the refusal is injected at the open
+        import builtins
+        import errno as _errno
+        real = builtins.open
+
+        def fake_open(f, *a, **kw):
+            if str(f) == str(p):
+                raise PermissionError(_errno.EACCES, "Permission denied", str(p))
+            return real(f, *a, **kw)
+        mp.setattr(builtins, "open", fake_open)
+    return c.argv(*PRE, data=root)
+
+
+DATA_CASES = {"E71": _e71, "E72": _e72, "E73": _e73, "E74": _e74, "E75": _e75, "E76": _e76, "E77": _e77,
+              "E78": _e78, "E79": _e79, "E80": _e80, "E81": _e81, "E82": _e82, "E83": _e83, "E84": _e84,
+              "E85": _e85, "E86": _e86, "E87": _e87}
+
 
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
@@ -421,15 +611,15 @@ def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
     raise KeyError(cid)
 
 
-# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20 (part DATA): E71-E87
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"])
+         + ["E70"] + sorted(DATA_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():
     rows = doc_rows()
     assert len(rows) >= 15
-    assert sorted(rows) == CASES
+    assert sorted(rows) == sorted(CASES)
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:

@@ -12,13 +12,15 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
+from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, peek_split, split_spec
 from data_generator.formats import detect_formats
+from data_generator.hygiene import SplitSummary, duplicate_classes, split_overlap
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
 from utils import distributed
@@ -49,20 +51,30 @@ def ensure_writable(path: str) -> None:
         raise UserError(f"cannot write to the log folder {path}: {e.strerror or e}")
 
 
+SPLIT_OF_ROLE = {"pre_train": "train", "meta_train": "train", "val": "val", "test": "test"}
+
+
 class DataBundle:
-    """The transforms and the image splits of one run (:class:`utils.settings.DataSettings`), loaded on demand."""
+    """The transforms and the image splits of one run (:class:`utils.settings.DataSettings`), loaded on demand.
+
+    Every split loaded is checked (:mod:`data_generator.hygiene`): within itself (two classes with the same images:
+    one warning line) and against the splits loaded before it (shared class names or images: UserError, unless
+    ``--allow_split_overlap``). Pre-train and meta-train load train and val, so those two are compared; meta-test
+    loads only test and compares it with train and val through :func:`peek_split` (their cache records, no
+    decoding; docs/DATA.md, "Split hygiene")."""
 
     def __init__(self, data: DataSettings):
         self.settings = data
         self.eval_transform = BatchTransform(data.image_size, data.preprocess, augment=False)
         self.train_transform = BatchTransform(data.image_size, data.preprocess, augment=data.augment)
         self.cache_dir = data.cache_dir
+        self.checked: dict[str, SplitSummary] = {}  # split name -> the summary of a split loaded and checked
 
     def spec(self, role: str) -> str:
         d = self.settings
         explicit = {"pre_train": d.pre_train_dir, "meta_train": d.meta_train_dir, "val": d.meta_val_dir,
                     "test": d.meta_test_dir}[role]
-        split = {"pre_train": "train", "meta_train": "train", "val": "val", "test": "test"}[role]
+        split = SPLIT_OF_ROLE[role]
         if explicit:
             if os.path.isdir(explicit) and detect_formats(explicit):  # e.g. --meta_test_dir at FC100 pickles
                 return split_spec(explicit, split, d.dataset)
@@ -77,14 +89,64 @@ class DataBundle:
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
                 f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
-        load = lambda: load_split(spec, self.eval_transform.stored_size, self.cache_dir,  # noqa: E731
-                                  self.settings.num_workers)
+
+        def load() -> ImageSet:
+            s = load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.settings.num_workers)
+            self.check(role, spec, s)
+            return s
+
         if not distributed.active():
             return load()
         # torchrun: rank 0 loads first (and builds the decoded-image cache once); the others then read it
         first: list[ImageSet] = []
         distributed.on_main(lambda: first.append(load()))
         return first[0] if first else load()
+
+    def check(self, role: str, spec: str, imageset: ImageSet) -> None:
+        """Split hygiene for the split just loaded (see the class docstring); prints warnings on rank 0. Splits of
+        different names are compared even when they are the same folder (``--meta_val_dir`` at the train folder is
+        the fullest overlap there is)."""
+        allow = self.settings.allow_split_overlap
+        split = SPLIT_OF_ROLE[role]
+        summary = imageset.summary(split)
+        lines = [duplicate_classes(summary)]
+        others = [s for name, s in self.checked.items() if name != split]
+        if role == "test":
+            others += self._peek_training_splits(summary, lines)
+        lines += [split_overlap(o, summary, allow) for o in others]  # raises unless allowed
+        self.checked[split] = summary
+        for line in lines:
+            if line and distributed.is_main():
+                print(line, flush=True)
+
+    def _peek_training_splits(self, test: SplitSummary, lines: list) -> list[SplitSummary]:
+        """Meta-test: the train and val splits' summaries from what is on disk, without decoding (a note line in
+        ``lines`` names what could not be compared)."""
+        found, missing, seen = [], [], set()
+        for role in ("meta_train", "pre_train", "val"):
+            split = SPLIT_OF_ROLE[role]
+            try:
+                spec = self.spec(role)
+            except UserError:  # e.g. --meta_test_dir alone and a --dataset_dir that holds nothing
+                continue
+            if split in self.checked or spec in seen:
+                continue
+            seen.add(spec)
+            if spec == test.source:  # --meta_test_dir at the train or val folder
+                found.append(replace(test, split=split))
+                continue
+            try:
+                summary, why = peek_split(spec, self.eval_transform.stored_size, self.cache_dir, split)
+            except UserError as exc:
+                summary, why = None, f"it could not be read ({exc})"
+            if summary is not None:
+                found.append(summary)
+            if why:
+                missing.append(f"{split} ({spec}: {why})")
+        if missing:
+            lines.append(f"note: the test images were not compared with the images of the {'; '.join(missing)}; "
+                         "a pre-train or meta-train with the same data flags writes the entry it needs")
+        return found
 
 
 class ScalarEvents:

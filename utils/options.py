@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     flex(a("--meta_test_dir", default=None, help="test images (default: <dataset_dir>/test)"))
     flex(a("--cache_dir", default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
     flex(a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache"))
+    flex(a("--allow_split_overlap", action="store_true",
+           help="run even when two splits share class names or identical images (a warning instead of the error; "
+                "docs/DATA.md, split hygiene)"))
 
     g = p.add_argument_group("pre-train")
     a = g.add_argument

@@ -82,11 +82,22 @@ def loads_pickle(data: bytes, source: str, encoding: str = "latin1") -> Any:
     return _unpickle(io.BytesIO(data), source, encoding)
 
 
-def load_pickle(path: str, encoding: str = "latin1") -> Any:
-    """Load the pickle file ``path`` safely (see the module docstring) or raise a one-line ``UserError``."""
+def _open(path: str) -> BinaryIO:
+    """``open(path, "rb")``; a file that is missing or cannot be read is a one-line ``UserError`` naming it."""
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
-    with open(path, "rb") as f:
+    try:
+        return open(path, "rb")
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied (make it readable for this user, e.g. "
+                        "chmod a+r)") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def load_pickle(path: str, encoding: str = "latin1") -> Any:
+    """Load the pickle file ``path`` safely (see the module docstring) or raise a one-line ``UserError``."""
+    with _open(path) as f:
         return _unpickle(f, path, encoding)
 
 
@@ -115,9 +126,7 @@ def load_object_npy(path: str) -> Any:
     This is ``np.load(path, allow_pickle=True, encoding="latin1").tolist()`` with :class:`SafeUnpickler` in place
     of numpy's unrestricted unpickling. A plain numeric ``.npy`` is returned as its array.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"file not found: {path}")
-    with open(path, "rb") as f:
+    with _open(path) as f:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
@@ -219,9 +228,7 @@ def stream_pickle_list(path: str, on_item, encoding: str = "latin1") -> int:
     for each item in order and the item is then dropped. Returns the number of items. Same admission rules and
     errors as :func:`load_pickle` (a refused global stops it before it runs; a ``UserError`` raised by ``on_item``
     passes through); a file whose top level is not a list is a ``UserError``."""
-    if not os.path.isfile(path):
-        raise UserError(f"file not found: {path}")
-    with open(path, "rb") as f:
+    with _open(path) as f:
         streamer = _ListStreamer(f, path, on_item, encoding)
         top = _load_reporting(streamer, path)
     if top is not streamer.root:

@@ -118,13 +118,15 @@ class DataSettings:
     meta_val_dir: str | None = None
     meta_test_dir: str | None = None
     dataset: str | None = None  # the --dataset preset: picks FC100 / CIFAR-FS in cifar-100-python (formats.py)
+    allow_split_overlap: bool = False  # --allow_split_overlap: shared classes / images between splits only warn
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataSettings":
         cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
         return cls(args.dataset_dir, args.image_size, args.preprocess, args.pre_augment == "on",
                    None if cache == "none" else cache, args.num_workers, args.pre_train_dir, args.meta_train_dir,
-                   args.meta_val_dir, args.meta_test_dir, getattr(args, "dataset", None))
+                   args.meta_val_dir, args.meta_test_dir, getattr(args, "dataset", None),
+                   bool(getattr(args, "allow_split_overlap", False)))
 
 
 @dataclass(frozen=True)

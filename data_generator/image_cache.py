@@ -1,0 +1,415 @@
+"""The decoded-image cache: one entry per split, written once, verified every time it is opened.
+
+An entry is two files in the cache folder (``<log_root>/cache`` by default, ``--cache_dir``):
+
+* ``<key>.npy``: the images, uint8 (N, S, S, 3), S = the stored size, read back with ``np.load(mmap_mode="r")``;
+* ``<key>.json``: its record, written last (it marks the entry complete): ``version`` (:data:`CACHE_VERSION`),
+  ``stored_size``, ``shape``, ``class_names`` (C,), ``labels`` (N,), ``files`` (what the key was computed from),
+  what the reader adds (``source``, ``format``, ...), ``image_digests`` (one 64-bit content digest per image,
+  :func:`image_digests`, as 16 hex digits each, concatenated) and ``record_digest`` (the sha1 of the canonical
+  json of everything else in the record, so the labels, class names and digests are checked too).
+
+``key`` is the sha1 of the reader's identity and of every source file's relative path, byte size and ``mtime_ns``
+(``dataset_loader._cache_key``, ``formats._key``), so a changed file gives a new key. Its first line is
+:data:`KEY_SCHEME`, which does not change with :data:`CACHE_VERSION`: an entry an older version wrote is found
+under the same key, refused by its version, and rebuilt in place (rather than left on disk under a key nothing
+looks up).
+
+Opening an entry (:func:`lookup_cache`) checks the record (parses, same version, ``record_digest`` matches), the
+``.npy`` header (uint8, the record's shape), its length (header + N*S*S*3 bytes exactly), the labels (N of
+them, in 0..C-1) and then recomputes every image's digest over the memory map and compares. Any failure prints
+one line ``cache entry <key>.npy: <why>; rebuilding`` and the caller rebuilds the entry. The cost of the
+recomputation is measured in docs/BENCHMARKS.md ("Cache checksum"): about half a second for a miniImageNet-sized
+train split.
+
+Writing (:func:`write_cache`): the array is filled under a temporary name ``.<key>.npy.tmp-<pid>-<hex>@<host>``
+whose disk space is reserved first (``posix_fallocate``: a full disk is one line before anything is decoded, not a
+``SIGBUS`` in the middle of a memory map); then the digests are computed, the array is moved into place and the
+record written (temporary name, ``os.replace``). A failure removes the temporary files. Temporary files of
+processes that no longer exist on this host (a ``kill -9``, a crash, a power loss) are removed the next time the
+folder is used (:func:`remove_orphans`), with one line saying what and how large; a live process's file, and a
+file of another host (a cache folder on a shared file system), are left alone.
+
+A read-only cache folder is fine as long as its entries are valid (nothing is written when an entry is found);
+when one must be written, the run stops with one line naming the folder and the way out (``--cache_dir none`` or
+another folder). Nothing here is a second copy of the file readers: they pass ``fill`` callbacks.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from utils.errors import UserError
+from utils.run_lock import _pid_alive
+
+__all__ = ["CACHE_VERSION", "KEY_SCHEME", "CacheEntry", "image_digests", "digests_hex", "digests_from_hex",
+           "lookup_cache", "read_record", "write_cache", "cache_paths", "remove_orphans", "cache_write_error"]
+
+#: Written into every record; an entry of another version is rebuilt (with a line). v2: per-image checksums and the
+#: record digest; every Pillow mode decoded to 8-bit RGB by ``dataset_loader.to_rgb`` (v1: Pillow's ``convert``).
+CACHE_VERSION = "mtl-imagecache-v2"
+#: The first line of every cache key (unchanged since v1, so older entries are found and replaced in place).
+KEY_SCHEME = "mtl-imagecache-v1"
+#: How an image's digest is made (stored in the record): the first 8 bytes of the sha1 of its S*S*3 bytes.
+DIGEST = "sha1-64"
+
+_TMP = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<hex>[0-9a-f]{8})(?:@(?P<host>[^/]*))?$")
+
+
+@dataclass
+class CacheEntry:
+    """An open, verified entry: ``images`` uint8 (N, S, S, 3) read-only memmap, its ``record`` (the json dict) and
+    ``digests`` uint64 (N,), the verified per-image digests."""
+
+    images: np.ndarray
+    record: dict
+    digests: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Digests
+# ---------------------------------------------------------------------------------------------------------------------
+def _digest_threads() -> int:
+    try:
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+def image_digests(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, ...) -> uint64 (N,): per image, the first 8 bytes (big-endian) of the sha1 of its C-order bytes.
+
+    sha1 because it is the fastest hash of ``hashlib`` on CPUs with the SHA extensions (1.45 GB/s on one core here;
+    blake2b 0.92, sha256 1.49 but 3x slower without them; measured in docs/BENCHMARKS.md), 64 bits because the
+    digests also find identical images across splits (``data_generator.hygiene``): among a million images the chance
+    of any two distinct ones sharing a digest is ~3e-8. Computed in up to 4 threads (hashlib releases the GIL for
+    buffers over 2 KiB); the result does not depend on the number of threads.
+    """
+    n = int(images.shape[0]) if images.ndim else 0
+    out = np.empty(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    flat = images.reshape(n, -1)
+    if not flat.flags.c_contiguous:
+        flat = np.ascontiguousarray(flat)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            out[i] = int.from_bytes(hashlib.sha1(flat[i]).digest()[:8], "big")
+
+    threads = _digest_threads() if flat.shape[1] > 2048 and n >= 64 else 1
+    step = max(1, math.ceil(n / (threads * 8)))
+    if threads == 1:
+        work(0, n)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]:
+                f.result()
+    return out
+
+
+def digests_hex(d: np.ndarray) -> str:
+    """uint64 (N,) -> 16 hex digits per digest, concatenated (the record's ``image_digests``)."""
+    return np.asarray(d, dtype=">u8").tobytes().hex()
+
+
+def digests_from_hex(s: str) -> np.ndarray:
+    """The inverse of :func:`digests_hex`; ValueError when ``s`` is not such a string."""
+    if not isinstance(s, str) or len(s) % 16:
+        raise ValueError("image_digests is not a string of 16-digit digests")
+    return np.frombuffer(bytes.fromhex(s), dtype=">u8").astype(np.uint64)
+
+
+def _record_digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "record_digest"}
+    return hashlib.sha1(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paths, temporary files, orphans
+# ---------------------------------------------------------------------------------------------------------------------
+def cache_paths(cache_dir: str, key: str) -> tuple[str, str]:
+    """``(<cache_dir>/<key>.npy, <cache_dir>/<key>.json)``: the image array and its record (written last)."""
+    return os.path.join(cache_dir, f"{key}.npy"), os.path.join(cache_dir, f"{key}.json")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_name(path: str) -> str:
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}")
+
+
+def _started_after(pid: int, mtime: float) -> bool:
+    """True when process ``pid`` (Linux ``/proc``) started after ``mtime``: then it cannot have written a file last
+    modified at ``mtime``, and the pid was reused. False when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as fh:
+            btime = next(int(ln.split()[1]) for ln in fh if ln.startswith(b"btime"))
+        start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return start > mtime + 2.0  # /proc's start time is rounded to clock ticks and btime to seconds
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} GB"
+
+
+def remove_orphans(cache_dir: str) -> list[tuple[str, int]]:
+    """Remove the temporary files of dead processes from ``cache_dir``; return ``[(path, bytes)]`` removed.
+
+    A temporary file ``.<name>.tmp-<pid>-<hex>[@<host>]`` is orphaned when it was made on this host (or names no
+    host: the names of version 1) and process ``pid`` no longer exists, or exists but started after the file was
+    last written (its pid was reused). Removing them prints one line with their names and total size. Files of live
+    processes and of other hosts stay; a folder that cannot be listed or written is left as it is (silently: the
+    caller reports what it cannot do).
+    """
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return []
+    me = _host()
+    removed: list[tuple[str, int]] = []
+    for name in sorted(names):
+        m = _TMP.match(name)
+        if not m or (m.group("host") not in (None, me)):
+            continue
+        pid = int(m.group("pid"))
+        path = os.path.join(cache_dir, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if pid == os.getpid() or (pid > 0 and _pid_alive(pid) and not _started_after(pid, st.st_mtime)):
+            continue  # a live build (this process's own included)
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+        removed.append((path, int(st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size)))
+    if removed:
+        total = sum(b for _, b in removed)
+        shown = ", ".join(os.path.basename(p) for p, _ in removed[:2]) + (
+            f" and {len(removed) - 2} more" if len(removed) > 2 else "")
+        print(f"removed {len(removed)} orphaned temporary file(s) of processes that no longer exist from the image "
+              f"cache {cache_dir} ({_size(total)} on disk): {shown}", flush=True)
+    return removed
+
+
+def cache_write_error(cache_dir: str, exc: OSError | str, fix: str | None = None) -> UserError:
+    """The one line for a cache folder that cannot take an entry (read-only, full, not a folder, no permission):
+    what failed, what to do about the folder (``fix``, by default from the error), and the two ways around it."""
+    why = exc if isinstance(exc, str) else (exc.strerror or str(exc))
+    if fix is None:
+        code = getattr(exc, "errno", None)
+        fix = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
+               errno.ENOSPC: "free space on it", errno.EDQUOT: "free space on it"}.get(code, "fix that folder")
+    return UserError(f"cannot write the image cache in {cache_dir}: {why}; {fix}, or pass --cache_dir none "
+                     f"(decode without a cache) or --cache_dir <another folder>")
+
+
+def _check_folder(cache_dir: str) -> None:
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise cache_write_error(cache_dir, "it is a file, not a folder", "remove or rename that file")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+def read_record(meta: str) -> tuple[dict | None, str | None]:
+    """``(record, None)`` when ``meta`` parses, is of :data:`CACHE_VERSION` and matches its ``record_digest``;
+    else ``(None, why)`` (``why`` None when the file does not exist)."""
+    name = os.path.basename(meta)
+    try:
+        with open(meta, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"its record {name} cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:
+        return None, f"its record {name} does not parse ({str(exc).splitlines()[0]})"
+    if not isinstance(record, dict):
+        return None, f"its record {name} does not parse (not a json object)"
+    version = record.get("version")
+    if version != CACHE_VERSION:
+        return None, f"it was written by {version or 'an unknown version'} (this program reads {CACHE_VERSION})"
+    if record.get("record_digest") != _record_digest(record):
+        return None, f"its record {name} does not match its checksum (edited or corrupt)"
+    return record, None
+
+
+def _open(npy: str, meta: str, stored_size: int, files: list[str] | None,
+          n: int | None) -> tuple[CacheEntry | None, str | None]:
+    record, why = read_record(meta)
+    if record is None:
+        if why is None and os.path.exists(npy):
+            why = f"its record {os.path.basename(meta)} is missing (a build that was interrupted)"
+        return None, why
+    try:
+        labels = np.asarray(record["labels"], dtype=np.int64)
+        classes = record["class_names"]
+        digests = digests_from_hex(record["image_digests"])
+        shape = tuple(int(s) for s in record["shape"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None, "its record lacks or garbles labels, class_names, image_digests or shape"
+    count = shape[0] if shape else -1
+    if (shape != (count, stored_size, stored_size, 3) or int(record.get("stored_size", -1)) != stored_size
+            or (n is not None and count != n)):
+        return None, f"its record describes {shape}, not ({n if n is not None else 'N'}, {stored_size}, " \
+                     f"{stored_size}, 3) images"
+    if files is not None and record.get("files") != files:
+        return None, "its record lists other source files than the dataset holds"
+    if labels.shape != (count,) or len(digests) != count or not isinstance(classes, list) or (
+            count and (labels.min() < 0 or labels.max() >= len(classes))):
+        return None, f"its record's labels, class names or digests do not fit {count} images"
+    try:
+        with open(npy, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            hshape, fortran, dtype = read(fh)
+            offset = fh.tell()
+    except FileNotFoundError:
+        return None, "its image file is missing"
+    except (OSError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, f"its image file is not a readable .npy file ({detail})"
+    if dtype != np.uint8 or tuple(hshape) != shape or fortran:
+        return None, f"its image file's header says {dtype} {tuple(hshape)}, the record uint8 {shape}"
+    expected = offset + int(np.prod(shape))
+    actual = os.path.getsize(npy)
+    if actual != expected:
+        return None, f"its image file has {actual} bytes, {expected} expected (truncated or padded)"
+    try:
+        images = np.memmap(npy, dtype=np.uint8, mode="r", shape=shape, offset=offset)
+    except (OSError, ValueError) as exc:
+        return None, f"its image file cannot be mapped ({exc})"
+    got = image_digests(images)
+    bad = np.flatnonzero(got != digests)
+    if bad.size:
+        k = int(bad[0])
+        what = record.get("image_files") if "format" in record else record.get("files")  # per-image names
+        name = f" ({what[k]})" if isinstance(what, list) and len(what) == count else ""
+        more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+        return None, f"image {k}{name} does not match its checksum{more}"
+    return CacheEntry(images, record, got), None
+
+
+def lookup_cache(cache_dir: str, key: str, stored_size: int, files: list[str] | None,
+                 n: int | None = None) -> CacheEntry | None:
+    """The verified entry ``key`` (see the module docstring), or None: nothing there (silently), or an entry that
+    fails a check (one printed line ``cache entry …: <why>; rebuilding``). ``files``: the source files the key was
+    made from (checked against the record); ``n``: the number of images expected, when known. Removes orphaned
+    temporary files first."""
+    _check_folder(cache_dir)
+    remove_orphans(cache_dir)
+    npy, meta = cache_paths(cache_dir, key)
+    entry, why = _open(npy, meta, stored_size, files, n)
+    if why is not None:
+        print(f"cache entry {npy}: {why}; rebuilding", flush=True)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+def _reserve(path: str, cache_dir: str) -> None:
+    """Reserve the disk blocks of the (sparse) file ``path`` now, so a full disk is an error here, not a SIGBUS while
+    the memory map is written. File systems without ``fallocate`` are left as they are."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            try:
+                free = os.statvfs(cache_dir).f_bavail * os.statvfs(cache_dir).f_frsize
+                detail = f"no space left on the device (the entry needs {_size(size)}, {_size(free)} free)"
+            except OSError:
+                detail = f"no space left on the device (the entry needs {_size(size)})"
+            raise cache_write_error(cache_dir, detail, "free space on it") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(*paths: str | None) -> None:
+    for p in paths:
+        if p and os.path.lexists(p):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+
+def write_cache(cache_dir: str, key: str, n: int, stored_size: int, fill: Callable[[np.ndarray], None],
+                info: dict) -> CacheEntry:
+    """Create the entry ``key``: ``fill(out)`` writes the uint8 (n, S, S, 3) images into a memmap under a temporary
+    name (its space reserved first); then their digests are computed, the array is moved into place and the record
+    (``info`` with ``version``, ``stored_size``, ``shape``, the digests and the record digest added) is written
+    last. On any failure (a UserError from ``fill`` included) the temporary files are removed, so nothing
+    half-written stays; an OSError of the cache folder (read-only, full, ...) is one UserError line naming it.
+    Returns the new entry (images as a read-only memmap)."""
+    npy, meta = cache_paths(cache_dir, key)
+    shape = (int(n), int(stored_size), int(stored_size), 3)
+    tmp = tmp_meta = None
+    _check_folder(cache_dir)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        remove_orphans(cache_dir)
+        tmp = _tmp_name(npy)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp, cache_dir)
+    except OSError as exc:
+        _remove(tmp)
+        raise cache_write_error(cache_dir, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:
+        fill(arr)
+        try:
+            arr.flush()
+            digests = image_digests(arr)
+            del arr
+            record = {"version": CACHE_VERSION, "stored_size": int(stored_size), "shape": list(shape), **info,
+                      "digest": DIGEST, "image_digests": digests_hex(digests), "written": time.time()}
+            record["record_digest"] = _record_digest(record)
+            _remove(meta)  # an old record never describes the new array, even for a moment
+            os.replace(tmp, npy)
+            tmp_meta = _tmp_name(meta)
+            with open(tmp_meta, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
+            os.replace(tmp_meta, meta)
+        except OSError as exc:
+            raise cache_write_error(cache_dir, exc) from None
+    except BaseException:
+        _remove(tmp, tmp_meta)
+        raise
+    return CacheEntry(np.load(npy, mmap_mode="r"), record, digests)
