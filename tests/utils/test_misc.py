@@ -135,3 +135,40 @@ def test_orphaned_temporaries_of_dead_processes_are_removed_and_no_others(tmp_pa
     assert remove_orphaned_temporaries(str(tmp_path), legacy=True) == [names["legacy"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["elsewhere"], "last.pth"])
     assert remove_orphaned_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_torch_save_over_a_disk_that_fills_midway_is_a_write_error(tmp_path, monkeypatch):
+    """A real disk takes the first bytes, then refuses (``ENOSPC``) with nothing left to flush on close: torch.save
+    then raises ``RuntimeError: ... unexpected pos ...`` (the errno lost); atomic_write names the recorded OSError."""
+    import errno
+    import os
+    import types
+
+    from utils import misc
+    from utils.checkpoint import save_atomic
+
+    class FillsUp:
+        def __init__(self, fd, mode):
+            self.f, self.room = open(fd, mode, buffering=0), 1000
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(misc, "os", types.SimpleNamespace(**{**vars(os), "fdopen": FillsUp}))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # what torch.save alone makes of it
+        with FillsUp(os.open(tmp_path / "plain.pth", os.O_WRONLY | os.O_CREAT), "wb") as f:
+            torch.save({"w": torch.zeros(10000)}, f)
+    with pytest.raises(misc.WriteError, match=r"^cannot write .*ck\.pth: No space left on device \(free space"):
+        save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "ck.pth"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pth"]
