@@ -279,3 +279,26 @@ def test_meta_eval_on_a_read_only_folder_prints_the_accuracy_first(npz, tmp_path
     assert len(lines) == 1 and lines[0].startswith(f"error: the results could not be written to {results}: "), err
     assert "the accuracy above is complete" in lines[0]
     assert results.read_bytes() == first and _no_temporaries(folder)
+
+
+# --------------------------------------------------------------------------------------------- orphaned temporaries
+def test_orphaned_temporaries_are_removed_when_a_run_claims_its_folder(npz, tmp_path, capsys):
+    """A killed writer's ``.tmp_<pid>@<host>+...`` is removed when the next run takes the folder (fresh or
+    resumed); a live process's is left alone; the unowned names of older versions go on --resume only."""
+    from utils.misc import _host_tag
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / RUN
+    run.mkdir(parents=True)
+    names = {"dead": f".tmp_{dead.pid}@{_host_tag()}+x1.pth", "live": f".tmp_{os.getpid()}@{_host_tag()}+x2.json",
+             "legacy": ".tmp_ab12cd.pth"}
+    for n in names.values():
+        (run / n).write_bytes(b"half a checkpoint")
+    rc, out, err = _cli(flags(npz, tmp_path) + ["--stop_after_epoch", "1"], capsys)
+    assert rc == 0, err
+    assert f"removed 1 temporary file(s) left in {run} by a killed process" in out
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".tmp")) == sorted([names["live"],
+                                                                                         names["legacy"]])
+    rc, out, err = _cli(flags(npz, tmp_path) + ["--resume", "--stop_after_epoch", "2"], capsys)
+    assert rc == 0, err
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp")] == [names["live"]]
