@@ -244,7 +244,7 @@ class BaseTrainer:
         try:
             self.optimizer.step()
         except RuntimeError as e:
-            if "overflow" not in str(e):
+            if "without overflow" not in str(e):  # torch: "value cannot be converted to type float without overflow"
                 raise
             epoch, it, n = self.position
             raise UserError(f"the optimizer step overflows float32 at epoch {epoch}, iteration {it}/{n} "
