@@ -1,13 +1,17 @@
 """Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
-Errors caused by input (missing data, bad checkpoints, impossible settings) print one ``error: ...`` line and
-exit with status 2; an interrupted run exits 130 and can be continued with ``--resume``. Under ``torchrun`` (one
-process per GPU, docs/DISTRIBUTED.md) the same flags apply; a process whose peer died or did not answer within
-``--dist_timeout`` exits with status 4.
+Errors caused by input (missing data, bad checkpoints, impossible settings, a full disk) print one ``error: ...``
+line and exit with status 2; out of memory exits 3; a ``meta_eval`` that printed its accuracy but could not write its
+results file exits 5. An interrupt (Ctrl-C = SIGINT, SIGTERM as ``timeout``, SLURM and Kubernetes send, SIGHUP) ends
+the run like Ctrl-C: one line saying whether ``--resume`` continues it or nothing was saved, the run folder's lock
+released, exit status 128 + the signal number (130, 143, 129). Under ``torchrun`` (one process per GPU,
+docs/DISTRIBUTED.md) the same flags apply; a process whose peer died or did not answer within ``--dist_timeout``
+exits with status 4. The codes are listed in docs/ERRORS.md.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Sequence
 
@@ -121,8 +125,52 @@ def cli(argv: Sequence[str] | None = None) -> int:
     return rc
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like the KeyboardInterrupt of Ctrl-C, so that the same paths
+    clean up (temporary files removed, the run folder's lock released) and ``_cli`` reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in this process (the first one; a repeat while the run
+    is stopping is ignored, so that the cleanup finishes). A forked child (the decoding pool of the image cache)
+    that inherited the handlers dies of the signal quietly instead: its parent reports. Returns the previous
+    handlers (``cli`` restores them: main.cli also runs inside the tests' process). Outside the main thread Python
+    allows no handlers, and nothing is changed."""
+    import os
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    owner, seen = os.getpid(), []
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if seen:
+            return
+        seen.append(signum)
+        raise Interrupted(signum)
+
+    return {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
+
+
+def _continue_hint(e: BaseException, default: str, resize: bool = False) -> str:
+    """What the trainer said about going on (``BaseTrainer.continue_hint``), else ``default``."""
+    return getattr(e, "resize_hint" if resize else "continue_hint", None) or default
+
+
 def _cli(argv: Sequence[str] | None = None) -> int:
+    from utils import distributed
     from utils.distributed import PeerError
+    previous = _install_signal_handlers()
     try:
         main(argv)
     except PeerError as e:
@@ -130,21 +178,28 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 4
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue the run with the same command plus --resume", file=sys.stderr, flush=True)
-        return 130
-    except MemoryError:
-        print("error: out of memory; lower --pre_batch_size, --eval_batch_size or the image size", file=sys.stderr)
+        return getattr(e, "exit_code", 2)  # 5: meta_eval printed its accuracy but could not write the results
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+        if distributed.is_main():  # under torchrun the agent stops every worker: one line, from rank 0
+            print(f"interrupted by {name}; {_continue_hint(e, 'nothing was written: run the same command again')}",
+                  file=sys.stderr, flush=True)
+        return 128 + int(signum)
+    except MemoryError as e:
+        print(f"error: out of memory; lower --pre_batch_size, --eval_batch_size or the image size "
+              f"({_continue_hint(e, 'nothing was written', resize=True)})", file=sys.stderr)
         return 3
     except RuntimeError as e:
         import torch
         if isinstance(e, torch.cuda.OutOfMemoryError):
             print("error: CUDA out of memory; lower --pre_batch_size, --eval_batch_size, --meta_batch_size or the "
-                  "image size (the files of the last finished epoch are kept; continue with --resume)",
-                  file=sys.stderr, flush=True)
+                  f"image size ({_continue_hint(e, 'nothing was written', resize=True)})", file=sys.stderr, flush=True)
             return 3
         raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 0
 
 

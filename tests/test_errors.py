@@ -8,11 +8,13 @@ reaches stderr.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -225,6 +227,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return c.argv(*PRE, "--pre_label", "amp", "--amp_dtype", "bfloat16")
     if cid in ("E63", "E64", "E65", "E66", "E67"):
         return distributed_case(cid, c, monkeypatch)
+    if cid in RUN_CASES:
+        return RUN_CASES[cid](c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in DATA_CASES:
@@ -531,6 +535,215 @@ DATA_CASES = {"E71": _e71, "E72": _e72, "E73": _e73, "E74": _e74, "E75": _e75, "
               "E85": _e85, "E86": _e86, "E87": _e87}
 
 
+# ------------------------------------- issue 20, Part RUN: non-finite values, write faults, signals (E90-E109)
+def _results_first(c: Case) -> None:
+    """A good meta_eval first, so that the row checks that a failing one leaves results.json as it was."""
+    assert main.cli(c.argv(*EVAL)) == 0
+
+
+def _scaled_checkpoint(c: Case, keys: tuple[str, ...], factor: float) -> str:
+    """The meta checkpoint with these encoder weights multiplied by ``factor`` (finite, but overflowing)."""
+    def edit(ck):
+        for k in keys:
+            ck["encoder"][k] = ck["encoder"][k] * factor
+    return c.edited_checkpoint(edit)
+
+
+def _nan_first_weight(sd: dict) -> None:
+    k = sorted(k for k, v in sd.items() if v.is_floating_point())[0]
+    sd[k] = sd[k].clone()
+    sd[k].view(-1)[0] = float("nan")
+
+
+def _fail_writes(monkeypatch, folder: Path, after: int, code: int = errno.ENOSPC) -> None:
+    """From the (``after`` + 1)-th temporary file that ``utils.misc.atomic_write`` opens in ``folder`` on: with
+    ENOSPC its writes go to ``/dev/full`` (the kernel's own "No space left on device", so ``torch.save`` fails as
+    it does on a full disk); with another code (EACCES, EROFS: a folder that became read-only) it cannot be
+    created. The tests run as root in some places, where a chmod would not stop a write."""
+    import tempfile
+    real, seen = tempfile.mkstemp, [0]
+
+    def mkstemp(*a, dir=None, **kw):
+        if dir is None or os.path.abspath(dir) != os.path.abspath(folder):
+            return real(*a, dir=dir, **kw)
+        seen[0] += 1
+        if seen[0] <= after:
+            return real(*a, dir=dir, **kw)
+        if code != errno.ENOSPC:
+            raise OSError(code, os.strerror(code), os.path.join(dir, ".tmp_"))
+        fd, path = real(*a, dir=dir, **kw)  # a real temporary file, which must be removed again
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        return fd, path
+    if code == errno.ENOSPC and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this platform")
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def _signal_at(monkeypatch, cls, name: str, signum: int, epoch: int | None = None) -> None:
+    """Send ``signum`` to this process (a real signal, handled by main.cli's handlers) when ``cls.name`` runs
+    (at ``epoch``, if given)."""
+    import time
+    orig = getattr(cls, name)
+
+    def hit(self, *a, **kw):
+        if epoch is None or a[0] == epoch:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here, at once
+        return orig(self, *a, **kw)
+    monkeypatch.setattr(cls, name, hit)
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """No run files, no lock and no TensorBoard file: the same command starts afresh (no E35)."""
+    from utils.run_lock import RUN_FILES
+    tb = list((folder / "tb").iterdir()) if (folder / "tb").is_dir() else []
+    return not any((folder / f).exists() for f in RUN_FILES + (".lock",)) and not tb
+
+
+def _e90(c, mp):  # meta-test: the inner loop overflows (bank path)
+    _results_first(c)
+    return c.argv(*EVAL, "--base_lr", "1e38")
+
+
+def _e91(c, mp):  # the same on the episodic path
+    _results_first(c)
+    return c.argv(*EVAL, "--base_lr", "1e38", "--eval_mode", "episodic")
+
+
+def _e92(c, mp):  # centroid: features so large that their squared distances overflow
+    return c.argv(*EVAL, "--eval_classifier", "centroid",
+                  "--eval_weights", _scaled_checkpoint(c, ("layers.0.0.weight",), 1e30))
+
+
+def _e93(c, mp):  # features that overflow (two layers scaled: 1e60 is past float32)
+    weights = _scaled_checkpoint(c, ("layers.0.0.weight", "layers.1.0.weight"), 1e30)
+    return c.argv(*EVAL, "--eval_weights", weights)
+
+
+def _e94(c, mp):  # a checkpoint holding a NaN
+    return c.argv(*EVAL, "--eval_weights", c.edited_checkpoint(lambda ck: _nan_first_weight(ck["encoder"])))
+
+
+def _e95(c, mp):  # pre-train validation: the head's inner loop overflows
+    return c.argv(*PRE, "--pre_val_base_lr", "1e38", "--pre_label", "val_nan")
+
+
+def _e96(c, mp):  # meta-train: Adam's first step at lr / (1 - beta1) does not fit float32
+    return c.argv(*META, "--meta_lr2", "1e38", "--meta_label", "adam")
+
+
+def _e97(c, mp):  # pre-train: a finite loss, then SGD steps to inf weights on the epoch's last iteration
+    return c.argv(*PRE, "--pre_optimizer", "sgd", "--pre_iters_per_epoch", "1", "--pre_lr", "3e38",
+                  "--pre_label", "sgd_inf")
+
+
+def _e98(c, mp):  # a resume.pth holding a NaN weight
+    p = c.logs / PRE_DIR / "resume.pth"
+    st = torch.load(p, weights_only=True)
+    _nan_first_weight(st["model"])
+    torch.save(st, p)
+    return c.argv(*PRE, "--resume", "--pre_max_epoch", "3")
+
+
+def _e99(c, mp):  # the disk fills up while epoch 2 writes its checkpoint (epoch 1 wrote 5 files)
+    _fail_writes(mp, c.logs / "pre" / "custom_conv4_full2", after=5)
+    run = c.logs / "pre" / "custom_conv4_full2"
+    c.after = lambda: all(torch.load(run / f, weights_only=True)["epoch"] == 1 for f in ("resume.pth", "last.pth"))
+    return c.argv(*PRE, "--pre_label", "full2")
+
+
+def _e100(c, mp):  # the disk fills up in the first epoch's commit: what it wrote is removed again
+    run = c.logs / "pre" / "custom_conv4_full1"
+    _fail_writes(mp, run, after=1)
+    c.after = lambda: _holds_nothing(run)
+    return c.argv(*PRE, "--pre_label", "full1")
+
+
+def _e101(c, mp):  # the log folder becomes read-only after epoch 1
+    _fail_writes(mp, c.logs / "pre" / "custom_conv4_ro", after=5, code=errno.EACCES)
+    return c.argv(*PRE, "--pre_label", "ro")
+
+
+def _e102(c, mp):  # a file named tb where the TensorBoard folder goes
+    run = c.logs / "pre" / "custom_conv4_tbfile"
+    run.mkdir(parents=True)
+    (run / "tb").write_text("not a folder\n")
+    c.after = lambda: not any((run / f).exists() for f in ("max_acc.pth", "last.pth", "resume.pth", ".lock"))
+    return c.argv(*PRE, "--pre_label", "tbfile")
+
+
+def _e103(c, mp):  # the disk fills up while the hard-task log is appended to
+    import builtins
+
+    import trainer.hard_tasks
+    real = builtins.open
+
+    def fake_open(path, mode="r", *a, **kw):
+        if str(path).endswith("hard_tasks.jsonl") and "a" in mode:
+            return real("/dev/full", mode, *a, **kw)
+        return real(path, mode, *a, **kw)
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this platform")
+    mp.setattr(trainer.hard_tasks, "open", fake_open, raising=False)
+    return c.argv(*META, "--hard_task", "--meta_label", "htfull")
+
+
+def _e104(c, mp):  # meta_eval on a read-only run folder: the accuracy is printed, then exit 5
+    _results_first(c)
+    _fail_writes(mp, c.logs / META_DIR, after=0, code=errno.EACCES)
+    return c.argv(*EVAL)
+
+
+def _e105(c, mp):  # --eval_weights on a read-only file system
+    ro = c.tmp / "ro"
+    ro.mkdir()
+    shutil.copy(c.logs / META_DIR / "max_acc.pth", ro / "meta.pth")
+    _fail_writes(mp, ro, after=0, code=errno.EROFS)
+    c.after = lambda: sorted(os.listdir(ro)) == ["meta.pth"]
+    return c.argv(*EVAL, "--eval_weights", str(ro / "meta.pth"))
+
+
+def _e106(c, mp):  # SIGTERM during epoch 2: epoch 1 is saved
+    import trainer.pre
+    _signal_at(mp, trainer.pre.PreTrainer, "train_epoch", signal.SIGTERM, epoch=2)
+    run = c.logs / "pre" / "custom_conv4_term"
+    c.after = lambda: not (run / ".lock").exists() and torch.load(run / "resume.pth", weights_only=True)["epoch"] == 1
+    return c.argv(*PRE, "--pre_label", "term")
+
+
+def _e107(c, mp):  # Ctrl-C in the first epoch: nothing saved, so no --resume
+    import trainer.pre
+    _signal_at(mp, trainer.pre.PreTrainer, "train_epoch", signal.SIGINT, epoch=1)
+    c.after = lambda: _holds_nothing(c.logs / "pre" / "custom_conv4_int")
+    return c.argv(*PRE, "--pre_label", "int")
+
+
+def _e108(c, mp):  # SIGTERM in a resumed run before its next epoch ended: --resume is right again
+    import trainer.pre
+    argv = c.argv(*PRE, "--pre_max_epoch", "3", "--pre_label", "term2")
+    assert main.cli(argv + ["--stop_after_epoch", "1"]) == 0
+    _signal_at(mp, trainer.pre.PreTrainer, "train_epoch", signal.SIGTERM, epoch=2)
+    return argv + ["--resume"]
+
+
+def _e109(c, mp):  # SIGHUP (the terminal closed) during meta_eval
+    import trainer.meta
+    orig = trainer.meta.evaluate
+
+    def hup(*a, **kw):
+        import time
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+        return orig(*a, **kw)
+    mp.setattr(trainer.meta, "evaluate", hup)
+    return c.argv(*EVAL)
+
+
+RUN_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(90, 110)}
+
+
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
 
@@ -611,15 +824,15 @@ def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
     raise KeyError(cid)
 
 
-# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20 (part DATA): E71-E87
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run faults)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"] + sorted(DATA_CASES))
+         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():
     rows = doc_rows()
     assert len(rows) >= 15
-    assert sorted(rows) == sorted(CASES)
+    assert sorted(rows) == sorted(CASES)  # (string order: E100 sorts before E11)
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -636,7 +849,7 @@ def check_output(cid: str, rc: int, err: str) -> None:
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
+    assert lines[0].startswith("interrupted by " if msg.startswith("interrupted by ") else "error: "), err
     assert rc == code != 0, (rc, err)
     assert pattern(msg).fullmatch(lines[0]), f"\n  doc:    {msg}\n  stderr: {lines[0]}"
 

@@ -4,6 +4,13 @@ checkpoints (best, last, resume state), the per-epoch log, TensorBoard and the L
 A subclass provides ``build()`` (model, optimizer, samplers), ``train_epoch(epoch)``, ``validate(epoch)``,
 ``model_checkpoint()`` and the pieces of its state that a resume needs (``extra_state`` /
 ``load_extra_state``). The loop itself lives only here.
+
+Faults (docs/ERRORS.md E90-E109): a non-finite training loss, model or validation result stops the run before
+anything of the epoch is written (the files of the last finished epoch stay as they were); a file that cannot be
+written (disk full, read-only folder, a file in the way) stops it with one line naming the file, and when that
+happens in the first epoch's commit the files it had written are removed again, so the folder holds no half run; an
+interrupt (Ctrl-C, SIGTERM, SIGHUP) carries :meth:`BaseTrainer.continue_hint` to ``main.cli``, which says whether
+``--resume`` continues the run or nothing was saved.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ from data_generator.transforms import BatchTransform
 from utils import distributed
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
-from utils.misc import format_acc, get_rng_state, set_rng_state, write_json_atomic
+from utils.finite import NonFiniteError, describe_nonfinite, first_nonfinite_key
+from utils.misc import (WriteError, format_acc, get_rng_state, remove_orphaned_temporaries, set_rng_state,
+                        write_error, write_json_atomic)
 from utils.options import resume_may_differ, settings_dict
 from utils.run_lock import RunLock, holds_run, move_aside
 from utils.settings import DataSettings, EvalSettings, Settings
@@ -162,22 +171,38 @@ class ScalarEvents:
     def __init__(self, folder: str, purge_step: int):
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
-        os.makedirs(folder, exist_ok=True)
-        self._event = Event
-        self._writer = EventsWriter(os.path.join(folder, "events"), f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
-                                       session_log=SessionLog(status=SessionLog.START)))
-        self._writer.flush()
+        self.path = folder
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self._event = Event
+            self._writer = EventsWriter(os.path.join(folder, "events"), f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            self.path = self._writer._file_name
+            self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                           session_log=SessionLog(status=SessionLog.START)))
+            self._writer.flush()
+        except OSError as e:  # a full disk, a read-only folder, a file named tb: one line (utils.misc.WriteError)
+            raise write_error(self.path, e) from e
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """One point per tag at ``step``, on disk when this returns."""
+        """One point per tag at ``step``, on disk when this returns (:class:`utils.misc.WriteError` if it cannot)."""
         from tensorboardX.summary import scalar
-        for tag, value in scalars.items():
-            self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=scalar(tag, float(value))))
-        self._writer.flush()
+        try:
+            for tag, value in scalars.items():
+                self._writer.write_event(self._event(wall_time=time.time(), step=step,
+                                                     summary=scalar(tag, float(value))))
+            self._writer.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from e
 
     def close(self) -> None:
-        self._writer.close()
+        """Close the file (once; again is a no-op)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except (OSError, ValueError):  # what could not be written was reported by write()
+            pass
 
 
 class BaseTrainer:
@@ -197,6 +222,8 @@ class BaseTrainer:
         self.best_acc = -1.0
         self.best_epoch = 0
         self.start_epoch = 1
+        self.committed_epoch = 0  # the last epoch whose resume.pth is on disk (this run's, or the resumed one's)
+        self.position = (0, 0, 0)  # (epoch, iteration in the epoch, iterations per epoch), named in messages
         # each rank augments its own shard: its own stream (rank 0's is the single-process one)
         self.aug_gen = torch.Generator().manual_seed(args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
 
@@ -258,18 +285,87 @@ class BaseTrainer:
     def iterations_per_epoch(self) -> int:
         return 0
 
+    def stopped(self) -> str:
+        """What a run stopped inside an epoch has kept: the middle part of every non-finite message."""
+        if self.trlog:
+            return (f"stopped; the last good checkpoint is {os.path.join(self.log_dir, 'last.pth')} "
+                    f"(epoch {self.trlog[-1]['epoch']}), left untouched")
+        return "stopped; no checkpoint of this run was written yet"
+
     def check_loss(self, loss: float, epoch: int, iteration: int, n_iterations: int) -> None:
         """Stop at once when the training loss is NaN or infinite: nothing of this epoch is saved, so the files
         of the last finished epoch (``last.pth``, ``resume.pth``, ``trlog.json``) stay as they were."""
         if math.isfinite(loss):
             return
-        if self.trlog:
-            last = (f"the last good checkpoint is {os.path.join(self.log_dir, 'last.pth')} "
-                    f"(epoch {self.trlog[-1]['epoch']}), left untouched")
-        else:
-            last = "no checkpoint of this run was written yet"
         raise UserError(f"training loss is {loss} at epoch {epoch}, iteration {iteration}/{n_iterations}; "
-                        f"stopped; {last}. Lower {self.lr_hint()}, or check the data")
+                        f"{self.stopped()}. Lower {self.lr_hint()}, or check the data")
+
+    def step_optimizer(self) -> None:
+        """``optimizer.step()``; a learning rate so large that the step does not fit float32 (Adam's first step at
+        ``lr / (1 - beta1)``, from about 3.4e37) stops the run with one line instead of torch's traceback."""
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:
+            if "without overflow" not in str(e):  # torch: "value cannot be converted to type float without overflow"
+                raise
+            epoch, it, n = self.position
+            raise UserError(f"the optimizer step overflows float32 at epoch {epoch}, iteration {it}/{n} "
+                            f"({str(e).strip().splitlines()[0]}); {self.stopped()}. Lower {self.lr_hint()}") from None
+
+    def check_model(self, epoch: int) -> None:
+        """After the epoch's training, before validation: every parameter and buffer of the model is finite (one
+        host synchronisation). A step can leave non-finite weights behind a finite loss (an optimizer step that
+        overflows on the epoch's last iteration, BatchNorm statistics that overflow); validated, they would score at
+        chance level, and saved, they would be the checkpoint."""
+        sd = self.model.state_dict()
+        key = first_nonfinite_key(sd)
+        if key is not None:
+            raise UserError(f"the model holds non-finite values after the training of epoch {epoch} ({key}: "
+                            f"{describe_nonfinite(sd[key])}) although every training loss was finite; "
+                            f"{self.stopped()}. Lower {self.lr_hint()}")
+
+    def checked_validate(self, epoch: int) -> tuple[float, float]:
+        """:meth:`validate`, with a non-finite feature or logit restated for the training: the epoch, what was kept,
+        and the flags of the validation's inner loop and of the training."""
+        try:
+            return self.validate(epoch)
+        except NonFiniteError as e:
+            if e.kind == "features":
+                advice = f"The training made the encoder overflow: lower {self.lr_hint()}"
+            else:
+                advice = f"{e.advice}; if the training diverged, lower {self.lr_hint()}"
+            raise UserError(f"{e.what} at epoch {epoch}; {self.stopped()}. {advice}") from None
+
+    def continue_hint(self, resize: bool = False) -> str:
+        """How to go on after this run was interrupted now: ``--resume`` once an epoch is saved (``resume.pth``), the
+        same command again when nothing of this run was saved. ``resize``: after running out of memory, when a
+        smaller batch is needed (only ``--eval_batch_size`` may change on ``--resume``). Read by ``main.cli``."""
+        if self.committed_epoch:
+            if resize:
+                return (f"the run is saved up to epoch {self.committed_epoch} in {self.log_dir}; --resume continues "
+                        "it with a lower --eval_batch_size only")
+            plus = "" if self.args.resume else " plus --resume"
+            return (f"{self.log_dir} holds the run up to epoch {self.committed_epoch}: continue it with the same "
+                    f"command{plus}")
+        if self.args.resume:  # interrupted before the resumed state was read: the folder is as it was
+            if resize:
+                return (f"the run in {self.log_dir} is as it was; --resume continues it with a lower "
+                        "--eval_batch_size only")
+            return f"the run in {self.log_dir} is as it was: run the same command again"
+        if resize:
+            return "nothing of this run was saved: run the command again with the lower size"
+        return "nothing of this run was saved: run the same command again"
+
+    def write_failed(self, e: WriteError) -> UserError:
+        """A file of the run could not be written: one line naming it, the run's state and what to do."""
+        if self.committed_epoch:
+            plus = "" if self.args.resume else " plus --resume"
+            state = (f"the run is saved up to epoch {self.committed_epoch} in {self.log_dir} (resume.pth, intact): "
+                     f"{e.fix}, then continue with the same command{plus}")
+        else:
+            state = (f"nothing of this run was saved: {e.fix} (or choose another --log_root), then run the same "
+                     "command again")
+        return UserError(f"cannot write {e.path}: {e.reason}; {state}")
 
     def lr_hint(self) -> str:
         """The learning-rate flags of this phase with their values, for the NaN message."""
@@ -293,9 +389,11 @@ class BaseTrainer:
                 raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
                                 f"not {getattr(self.args, k)}; use the same settings or another log folder")
         self.check_resume(old)
-        for name in os.listdir(self.log_dir) if distributed.is_main() else ():  # half-written temporaries of a
-            if name.startswith(".tmp_"):                                      # killed run (save_atomic)
-                os.unlink(os.path.join(self.log_dir, name))
+        key = first_nonfinite_key(st["model"])
+        if key is not None:
+            raise UserError(f"{path} holds non-finite weights: {key} has {describe_nonfinite(st['model'][key])} (a "
+                            "damaged file; a run stops before it saves non-finite weights); start the run afresh "
+                            "with --overwrite")
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.best_acc, self.best_epoch = st["best_acc"], st["best_epoch"]
@@ -306,6 +404,7 @@ class BaseTrainer:
         self.aug_gen.set_state(mine["aug_gen"])
         self.load_extra_state(st["extra"])
         self.start_epoch = st["epoch"] + 1
+        self.committed_epoch = st["epoch"]
         best = st.get("best_checkpoint")
         if best and not os.path.isfile(best):
             print(f"warning: the best checkpoint so far, {best}, is missing; it is rewritten only when a later "
@@ -332,6 +431,14 @@ class BaseTrainer:
         The run holds its folder's lock (:class:`utils.run_lock.RunLock`) from the moment the settings and the data
         have been checked until it ends, whichever way it ends; a folder that already holds a run is continued
         (``--resume``), moved aside (``--overwrite``) or left alone with a one-line error."""
+        try:
+            return self._run()
+        except (KeyboardInterrupt, RuntimeError, MemoryError) as e:  # main.cli says how to go on
+            e.continue_hint = self.continue_hint()  # type: ignore[attr-defined]
+            e.resize_hint = self.continue_hint(resize=True)  # type: ignore[attr-defined]
+            raise
+
+    def _run(self) -> str:
         a = self.args
         distributed.on_main(lambda: ensure_writable(self.log_dir))
         self.build()
@@ -346,15 +453,71 @@ class BaseTrainer:
                                         f"to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
                     print(f"--overwrite: the earlier run in {self.log_dir} was moved to {move_aside(self.log_dir)}",
                           flush=True)
+                # the half-written temporaries of killed writers (utils.misc.atomic_write): those of dead processes
+                # always; with --resume also the unowned names of older versions (the lock keeps other runs out)
+                removed = remove_orphaned_temporaries(self.log_dir, legacy=a.resume)
+                if removed:
+                    print(f"removed {len(removed)} temporary file(s) left in {self.log_dir} by a killed process",
+                          flush=True)
                 self.start_fresh()
 
             distributed.on_main(claim)
             if a.resume:
                 self.load_resume()
-            return self._epochs()
+            try:
+                return self._epochs()
+            except WriteError as e:  # a checkpoint, log, TensorBoard or hard-task file could not be written
+                raise self.write_failed(e) from None
 
     def start_fresh(self) -> None:
         """Called with the lock held, before the first epoch: remove what a fresh run must not append to."""
+
+    def _commit(self, epoch: int, val_acc: float, improved: bool, record: dict[str, Any],
+                rank_states: list[dict[str, Any]] | None, writer: "ScalarEvents | None") -> "ScalarEvents | None":
+        """Write the epoch's files (rank 0), ``resume.pth`` last: it is the commit point. A kill before it re-runs
+        this epoch on ``--resume``, and the files before it (one epoch ahead at most) are rewritten with the same
+        content. Every file goes through :func:`utils.misc.atomic_write`, so a failure leaves each file old or new,
+        never half written; when the run's first commit fails, the files it had created are removed again (the
+        folder then holds no run, and the same command starts it afresh). Returns the TensorBoard writer."""
+        a = self.args
+        created: list[str] = []
+
+        def save(write, path: str) -> None:
+            existed = os.path.exists(path)
+            write(path)
+            if not existed:
+                created.append(path)
+
+        try:
+            if improved:
+                save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p),
+                     os.path.join(self.log_dir, "max_acc.pth"))
+            if self.kind == "pre" and epoch % a.pre_save_every == 0:
+                save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p),
+                     os.path.join(self.log_dir, f"epoch{epoch}.pth"))
+            if writer is None:
+                writer = self._tensorboard()
+                if writer is not None and not self.committed_epoch:
+                    created.append(writer.path)
+            if writer is not None:
+                writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
+                                     if k != "epoch" and isinstance(v, (int, float))})
+            save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p), os.path.join(self.log_dir, "last.pth"))
+            save(lambda p: write_json_atomic(p, self.trlog), os.path.join(self.log_dir, "trlog.json"))
+            save(lambda p: write_json_atomic(p, settings_dict(a)), os.path.join(self.log_dir, "args.json"))
+            save(lambda p: save_atomic(self.resume_state(epoch, rank_states), p),
+                 os.path.join(self.log_dir, "resume.pth"))
+        except BaseException:
+            if not self.committed_epoch:  # the first commit of the run failed: leave the folder as it was
+                if writer is not None:
+                    writer.close()
+                for path in created:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            raise
+        return writer
 
     def _epochs(self) -> str:
         """The epoch loop (the lock is held)."""
@@ -363,47 +526,39 @@ class BaseTrainer:
         # leaves an earlier run's files as they were); the TensorBoard writer is opened then too.
         writer = None
         best_path = os.path.join(self.log_dir, "max_acc.pth")
-        for epoch in range(self.start_epoch, self.max_epoch + 1):
-            t0 = time.perf_counter()
-            lrs = self.set_lr(epoch)
-            stats = self.train_epoch(epoch)  # raises (check_loss) as soon as a loss is NaN or infinite
-            self.check_loss(stats.get("train_loss", 0.0), epoch, self.iterations_per_epoch(),
-                            self.iterations_per_epoch())
-            t1 = time.perf_counter()
-            val_acc, val_ci = self.validate(epoch)
-            t2 = time.perf_counter()
-            main = distributed.is_main()  # (every rank keeps the same record; rank 0 alone writes it)
-            rank_states = self.rank_states()
-            if val_acc > self.best_acc:
-                self.best_acc, self.best_epoch = val_acc, epoch
+        try:
+            for epoch in range(self.start_epoch, self.max_epoch + 1):
+                t0 = time.perf_counter()
+                lrs = self.set_lr(epoch)
+                stats = self.train_epoch(epoch)  # raises (check_loss) as soon as a loss is NaN or infinite
+                self.check_loss(stats.get("train_loss", 0.0), epoch, self.iterations_per_epoch(),
+                                self.iterations_per_epoch())
+                self.check_model(epoch)
+                t1 = time.perf_counter()
+                val_acc, val_ci = self.checked_validate(epoch)
+                t2 = time.perf_counter()
+                main = distributed.is_main()  # (every rank keeps the same record; rank 0 alone writes it)
+                rank_states = self.rank_states()
+                improved = val_acc > self.best_acc
+                if improved:
+                    self.best_acc, self.best_epoch = val_acc, epoch
+                record = {"epoch": epoch, **lrs, **stats, "val_acc": val_acc, "val_ci95": val_ci,
+                          "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
+                          "train_time": t1 - t0, "val_time": t2 - t1}
+                self.trlog.append(record)
                 if main:
-                    save_atomic(self.checkpoint(epoch, val_acc), best_path)
-            if main and self.kind == "pre" and epoch % a.pre_save_every == 0:
-                save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, f"epoch{epoch}.pth"))
-            record = {"epoch": epoch, **lrs, **stats, "val_acc": val_acc, "val_ci95": val_ci,
-                      "best_val_acc": self.best_acc, "best_epoch": self.best_epoch,
-                      "train_time": t1 - t0, "val_time": t2 - t1}
-            self.trlog.append(record)
-            if main:
-                if writer is None:
-                    writer = self._tensorboard()
-                if writer is not None:
-                    writer.write(epoch, {f"{self.kind}/{k}": v for k, v in record.items()
-                                         if k != "epoch" and isinstance(v, (int, float))})
-                save_atomic(self.checkpoint(epoch, val_acc), os.path.join(self.log_dir, "last.pth"))
-                write_json_atomic(os.path.join(self.log_dir, "trlog.json"), self.trlog)
-                write_json_atomic(os.path.join(self.log_dir, "args.json"), settings_dict(a))
-                # resume.pth last: it is the commit point. A kill before it re-runs this epoch on --resume, and the
-                # files above (one epoch ahead at most) are rewritten with the same content.
-                save_atomic(self.resume_state(epoch, rank_states), os.path.join(self.log_dir, "resume.pth"))
-            distributed.barrier()  # no rank starts the next epoch before the commit point is on disk
-            print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {stats.get('train_loss', float('nan')):.4f}  "
-                  f"train acc {100 * stats.get('train_acc', float('nan')):.2f}%  val {format_acc(val_acc, val_ci)}%  "
-                  f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "
-                  f"compute {stats.get('compute_time', 0):.1f}s val {t2 - t1:.1f}s", flush=True)
-            if a.stop_after_epoch and epoch == a.stop_after_epoch:
-                print(f"stopping after epoch {epoch} (--stop_after_epoch)", flush=True)
-                break
-        if writer is not None:
-            writer.close()
+                    writer = self._commit(epoch, val_acc, improved, record, rank_states, writer)
+                self.committed_epoch = epoch
+                distributed.barrier()  # no rank starts the next epoch before the commit point is on disk
+                loss, acc = stats.get("train_loss", float("nan")), stats.get("train_acc", float("nan"))
+                print(f"[{self.kind}] epoch {epoch}/{self.max_epoch}  loss {loss:.4f}  "
+                      f"train acc {100 * acc:.2f}%  val {format_acc(val_acc, val_ci)}%  "
+                      f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "
+                      f"compute {stats.get('compute_time', 0):.1f}s val {t2 - t1:.1f}s", flush=True)
+                if a.stop_after_epoch and epoch == a.stop_after_epoch:
+                    print(f"stopping after epoch {epoch} (--stop_after_epoch)", flush=True)
+                    break
+        finally:  # on every exit path: an open event file would keep its folder busy
+            if writer is not None:
+                writer.close()
         return best_path

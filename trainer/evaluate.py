@@ -20,6 +20,12 @@ freshly initialised BatchNorm gives, at lr 0.01 for 100 steps) rounding is ampli
 paths' logits drift apart (by ~2 after 100 steps), so some accuracies differ. ``tests/trainer/test_evaluate.py``
 tests the equality at 0.9 of the stable step. "Identical" is per machine: the same numbers on the same machine
 and thread count, close but not bit-identical on another CPU.
+
+Non-finite values stop the evaluation (``utils/finite.py``): a NaN or an infinity in the features of a split (one
+check per split, after encoding), in the logits of a chunk of episodes (one per chunk, with its accuracies) or of an
+episode (episodic path, with its accuracy) raises :class:`utils.finite.NonFiniteError` naming the phase
+(``EvalSettings.phase``), the episode or the image, and the flags to change (``InnerLoop.hint``): an overflowing
+inner loop would otherwise score every query as class 0, a chance-level accuracy that looks like a result.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from data_generator.meta_data_generator import by_class, episode_labels
 from models.bn_mode import batch_dependent
 from models.mtl import inner_loop
 from utils import distributed
+from utils.finite import NonFiniteError, all_finite, first_nonfinite_row
 from utils.gpu_tools import autocast, to_device
 from utils.misc import mean_ci
 from utils.settings import EvalSettings
@@ -84,8 +91,38 @@ def encode_split(encoder: nn.Module, imageset: ImageSet, transform, device: torc
                 out.append(encoder(transform(x)).float())
     encoder.train(was_training)
     if distributed.active():
-        return distributed.all_gather_rows(torch.cat(out) if out else None)
-    return torch.cat(out).clone()
+        feats = distributed.all_gather_rows(torch.cat(out) if out else None)  # every rank checks the same rows
+    else:
+        feats = torch.cat(out).clone()
+    if not all_finite(feats):  # one check for the split
+        raise _nonfinite(None, imageset, "features", image=first_nonfinite_row(feats), flipped=flipped)
+    return feats
+
+
+def _nonfinite(ev: EvalSettings | None, imageset: ImageSet | None, kind: str, episode: int | None = None,
+               n_episodes: int = 0, image: int | None = None, flipped: bool = False) -> NonFiniteError:
+    """The one-line error for non-finite ``kind`` ("features" or "logits"): the phase, the episode (0-based here,
+    1-based in the message) or the image (its index in the split and its file, or class), the flags to change."""
+    phase = ev.phase if ev is not None else "evaluation"
+    amp = ", or drop --amp" if ev is not None and ev.amp and ev.amp != "off" else ""
+    where = f" in episode {episode + 1} (of {n_episodes})" if episode is not None else ""
+    if kind == "features":
+        name = ""
+        if imageset is not None and image is not None:
+            label = (imageset.files[image] if imageset.files else
+                     f"class {imageset.class_names[int(imageset.labels[image])]}")
+            name = f" {image} of {imageset.source} ({label}{', flipped' if flipped else ''})"
+        what = f"{phase}: the encoder gave non-finite features for image{name}{where}"
+        advice = f"The encoder's weights are finite but overflow float32 on it: check the checkpoint{amp}"
+    elif ev is not None and ev.classifier == "centroid":
+        what = f"{phase}: the nearest-class-mean classifier gave non-finite logits{where}"
+        advice = f"The features are too large for float32 distances: check the checkpoint{amp}"
+    else:
+        what = f"{phase}: the inner loop gave non-finite logits{where}"
+        advice = f"Lower {ev.inner.hint() if ev is not None else 'the inner step size or steps'}{amp}"
+    err = NonFiniteError(what, advice, kind=kind)
+    err.episode, err.image, err.flipped = episode, image, flipped
+    return err
 
 
 def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, init_w: torch.Tensor,
@@ -100,22 +137,38 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     Returns:
         ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1].
     """
+    n_all = len(episodes)
+    first, _ = distributed.shard_range(n_all)
     episodes = distributed.shard(episodes)  # torchrun: each rank scores a block of the episodes; gathered below
-    if ev.mode == "episodic":
-        accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
-                                 ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
-                                 progress=ev.progress, amp=ev.amp, flip_support=ev.flip_support)
-    else:
-        feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress, desc=desc)
-        flipped = None
-        if ev.flip_support:
-            flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
-                                   desc=desc + " (flipped)", flipped=True)
-        accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
-                             ev.classifier, ev.inner.loss_scale, flipped_features=flipped) \
-            if len(episodes) else np.zeros(0, np.float32)
-    if distributed.active():
-        accs = np.concatenate(distributed.all_gather_objects(accs)).astype(np.float32)
+    if ev.mode != "episodic":  # (the features of the whole split: every rank holds and checks the same)
+        try:
+            feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
+                                 desc=desc)
+            flipped = None
+            if ev.flip_support:
+                flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
+                                       desc=desc + " (flipped)", flipped=True)
+        except NonFiniteError as e:
+            raise _nonfinite(ev, imageset, "features", image=e.image, flipped=e.flipped) from None
+    bad = None  # this rank's first non-finite finding: (kind, global episode, image, flipped)
+    try:
+        if ev.mode == "episodic":
+            accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
+                                     ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
+                                     progress=ev.progress, amp=ev.amp, flip_support=ev.flip_support)
+        else:
+            accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
+                                 ev.classifier, ev.inner.loss_scale, flipped_features=flipped) \
+                if len(episodes) else np.zeros(0, np.float32)
+    except NonFiniteError as e:
+        bad, accs = (e.kind, first + e.episode, e.image, e.flipped), np.zeros(0, np.float32)
+    if distributed.active():  # every rank learns of a finding on any rank, so all stop together
+        parts = distributed.all_gather_objects((accs, bad))
+        accs = np.concatenate([a for a, _ in parts]).astype(np.float32)
+        bad = next((b for _, b in parts if b is not None), None)
+    if bad is not None:
+        kind, episode, image, flipped = bad
+        raise _nonfinite(ev, imageset, kind, episode, n_all, image, flipped)
     mean, ci = mean_ci(accs)
     return mean, ci, accs
 
@@ -156,6 +209,9 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
             ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way`` throughout).
     Returns:
         ``(E,)`` query accuracies in [0, 1].
+    Raises:
+        :class:`utils.finite.NonFiniteError` at the first chunk whose logits hold a NaN or an infinity (``episode``:
+        the first such episode, 0-based).
     """
     n_s = way * shot
     accs = []
@@ -169,7 +225,11 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
         logits = _classify(f_s, f[:, n_s:], way, k, init_w, init_b, steps, lr, classifier,
                            loss_scale, order="first")
         y_q = episode_labels(way, (idx.shape[1] - n_s) // way).to(features.device)
-        accs.append((logits.argmax(-1) == y_q).float().mean(1).cpu())
+        acc = (logits.argmax(-1) == y_q).float().mean(1)
+        out = torch.cat([acc, torch.isfinite(logits).all().float()[None]]).cpu()  # one transfer: accs and the check
+        if not out[-1]:
+            raise _nonfinite(None, None, "logits", start + first_nonfinite_row(logits), len(idx_all))
+        accs.append(out[:-1])
     return torch.cat(accs).numpy()
 
 
@@ -185,12 +245,15 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
 
     Returns:
         ``(E,)`` query accuracies in [0, 1].
+    Raises:
+        :class:`utils.finite.NonFiniteError` at the first episode whose features or logits hold a NaN or an infinity
+        (``episode`` 0-based, ``image`` the split index of the first such image).
     """
     was_training = encoder.training
     encoder.eval()
     n_s = way * shot
     accs = []
-    for ep in tqdm(episodes, desc="episodes", disable=not progress, leave=False):
+    for i, ep in enumerate(tqdm(episodes, desc="episodes", disable=not progress, leave=False)):
         images = np.ascontiguousarray(imageset.images[ep])
         x = transform(to_device(torch.from_numpy(images), device))
         x_s, k = x[:n_s], shot
@@ -204,6 +267,17 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
             logits = _classify(f_s[None], f_q[None], way, k, init_w, init_b, steps, lr, classifier,
                                loss_scale, order="autograd")
         y_q = episode_labels(way, (len(ep) - n_s) // way).to(device)
-        accs.append((logits[0].argmax(-1) == y_q).float().mean().item())
+        acc = (logits[0].argmax(-1) == y_q).float().mean()
+        checks = torch.stack([torch.isfinite(f_q).all(), torch.isfinite(f_s).all(), torch.isfinite(logits).all()])
+        acc, ok_q, ok_s, ok_logits = torch.cat([acc[None], checks.float()]).tolist()  # one sync, as before
+        if not (ok_q and ok_s and ok_logits):
+            encoder.train(was_training)
+            if not ok_q:
+                raise _nonfinite(None, imageset, "features", i, len(episodes), int(ep[n_s + first_nonfinite_row(f_q)]))
+            if not ok_s:
+                row = first_nonfinite_row(f_s)
+                raise _nonfinite(None, imageset, "features", i, len(episodes), int(ep[row % n_s]), row >= n_s)
+            raise _nonfinite(None, None, "logits", i, len(episodes))
+        accs.append(acc)
     encoder.train(was_training)
     return np.asarray(accs, dtype=np.float32)

@@ -33,7 +33,7 @@ import numpy as np
 
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import layout
-from utils.misc import generator_state, set_generator_state
+from utils.misc import atomic_write, generator_state, set_generator_state, write_error
 from utils.settings import HardTaskSettings
 
 
@@ -135,8 +135,11 @@ class HardTaskPlanner:
                  "topped_up": [names[c] for c in topped_all],
                  "hard_tasks": [[names[c] for c in t.classes] for t in tasks]}
         if write:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as e:  # a full disk, a read-only folder: one line (the trainer says what was kept)
+                raise write_error(self.log_path, e) from e
         self.reset()
 
     def state_dict(self) -> dict:
@@ -150,5 +153,4 @@ class HardTaskPlanner:
             return
         with open(self.log_path) as f:
             keep = [line for line in f if line.strip() and json.loads(line)["iteration"] <= last_iteration]
-        with open(self.log_path, "w") as f:
-            f.writelines(keep)
+        atomic_write(self.log_path, lambda f: f.writelines(keep))  # a kill or a full disk leaves the old log

@@ -32,10 +32,11 @@ from trainer.base import BaseTrainer, DataBundle, scheduled_lr
 from trainer.evaluate import evaluate, init_head
 from trainer.hard_tasks import HardTaskPlanner
 from utils import distributed
-from utils.checkpoint import load_checkpoint, load_strict, read_weights
+from utils.checkpoint import check_finite_weights, load_checkpoint, load_strict, read_weights
 from utils.errors import UserError
+from utils.finite import all_finite, describe_nonfinite
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
-from utils.misc import Averager, Timer, format_acc, write_json_atomic
+from utils.misc import Averager, Timer, WriteError, format_acc, remove_orphaned_temporaries, write_json_atomic
 from utils.options import settings_dict
 from utils.settings import EvalSettings, Settings
 
@@ -198,9 +199,17 @@ class MetaTrainer(BaseTrainer):
     def outer_step(self) -> None:
         """Eq. 4-5: one Adam step on the accumulated query-loss gradients (under torchrun first summed over the
         ranks: each rank's tasks carry the meta-batch's weight, so the sum is the single-process gradient)."""
-        distributed.all_reduce_grads([p for g in self.optimizer.param_groups for p in g["params"]])
-        self.optimizer.step()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        distributed.all_reduce_grads(params)
+        self.step_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
+        if not all_finite(params):  # one host sync: a finite query loss can still give non-finite weights
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            bad = next(p for p in params if not all_finite(p))
+            epoch, it, n = self.position
+            raise UserError(f"the outer step gave non-finite parameters ({names.get(id(bad), '?')}: "
+                            f"{describe_nonfinite(bad.detach())}) at epoch {epoch}, iteration {it}/{n} although the "
+                            f"query loss was finite; {self.stopped()}. Lower {self.lr_hint()}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """``num_batch`` meta-batches, each one outer update (Eq. 4-5) on the mean query loss of its tasks. With the
@@ -291,6 +300,7 @@ def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: to
     encoder = apply_bn_mode(build_backbone(backbone, mtl=(kind == "meta")), bn_mode)
     load_strict(encoder, enc_sd, f"checkpoint {path}")
     if kind == "meta":
+        check_finite_weights({f"base_learner.{k}": v for k, v in head.items()}, f"checkpoint {path}")
         w, b = head["weight"].float(), head["bias"].float()
         if w.shape[0] != way:
             raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}")
@@ -312,14 +322,23 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
     encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device, args.bn_mode)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
+    # a non-finite feature or logit stops here (utils.finite.NonFiniteError), before anything is written
     mean, ci, accs = evaluate(encoder, test_set, data.eval_transform, episodes, w, b, ev, device, desc="encode test")
     return write_results(path, kind, mean, ci, len(accs), ev, settings_dict(args), write=distributed.is_main())
 
 
+class ResultsNotWritten(UserError):
+    """The accuracy was computed and printed, but its results file could not be written: exit status 5
+    (``main.cli``), so that a script can tell "no result" (2) from "a result, not saved" (5)."""
+
+    exit_code = 5
+
+
 def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: EvalSettings, settings: dict,
                   write: bool = True) -> dict:
-    """Print the test line and write the results JSON next to the checkpoint ``path`` (``write``: under torchrun
-    rank 0 only; every rank returns the same dict)."""
+    """Print the test line, then write the results JSON next to the checkpoint ``path`` (``write``: under torchrun
+    rank 0 only; every rank returns the same dict). The accuracy is printed first, so that it is seen even when the
+    folder cannot be written (:class:`ResultsNotWritten`, after the line)."""
     method = ("mtl" if kind == "meta" else "pretrained") + ("" if ev.classifier == "finetune" else "+centroid")
     result = {"mean": round(100 * mean, 4), "ci95": round(100 * ci, 4), "episodes": n, "way": ev.way,
               "shot": ev.shot, "query": ev.query, "method": method, "checkpoint": path,
@@ -330,9 +349,16 @@ def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: Eval
         f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # a TF weights folder: in it
     out = os.path.join(folder, name)
-    if write:
-        write_json_atomic(out, result)
     print(f"test accuracy: {format_acc(mean, ci)} ({n} episodes, {ev.way}-way {ev.shot}-shot)", flush=True)
+    if write:
+        remove_orphaned_temporaries(folder)  # those of dead processes only: a training may be writing there
+        try:
+            write_json_atomic(out, result)
+        except WriteError as e:
+            raise ResultsNotWritten(
+                f"the results could not be written to {out}: {e.reason} (the accuracy above is complete; {e.fix}, "
+                "then run the same command again, or copy the checkpoint to a writable folder and pass the copy "
+                "as --eval_weights)") from None
     print(f"results written to {out}", flush=True)
     result["path"] = out
     return result

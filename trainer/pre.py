@@ -141,7 +141,7 @@ class PreTrainer(BaseTrainer):
             ce = F.cross_entropy(logits.float(), y, reduction="sum") * (1.0 if hi > lo else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         (ce * (distributed.world() / len(idx))).backward()
-        self.optimizer.step()
+        self.step_optimizer()
         hits = (logits.argmax(1) == y).float().sum() * (1.0 if hi > lo else 0.0)
         sums = distributed.all_reduce_sum(torch.stack([ce.detach(), hits]).float())
         lv, acc = (sums / len(idx)).tolist()
@@ -174,7 +174,7 @@ class PreTrainer(BaseTrainer):
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.step_optimizer()
         lv, acc = torch.stack([loss.detach(), (logits.argmax(1) == y).float().mean()]).tolist()
         return lv, acc
 
@@ -184,6 +184,7 @@ class PreTrainer(BaseTrainer):
         batches = self.stream.epoch()
         for it, idx in enumerate(tqdm(batches, desc=f"pre-train epoch {epoch}", disable=not self.progress,
                                       leave=False)):
+            self.position = (epoch, it + 1, len(batches))
             if self.ddp is not None:  # torchrun (data and compute in one timer: the shard is loaded in the step)
                 timer.start("compute")
                 lv, acc = self.train_step_distributed(idx)

@@ -14,7 +14,10 @@ encoder's state dict (keys ``conv1.weight``, ``layer1.0.bn1.running_mean``, ...)
 
 Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run code. Every state dict is
 loaded strictly through :func:`load_strict`, which names the first mismatches instead of dropping keys
-silently (the official meta trainer filters unknown keys without a word, reference section 3.1).
+silently (the official meta trainer filters unknown keys without a word, reference section 3.1), and refuses a
+tensor holding a NaN or an infinity (:func:`check_finite_weights`). :func:`save_atomic` writes through
+:func:`utils.misc.atomic_write`: a full disk or a read-only folder is one line naming the file, never a truncated
+checkpoint.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.finite import describe_nonfinite, first_nonfinite_key
 from utils.misc import atomic_write
 
 FORMAT = "mtl-pytorch/1"
@@ -123,4 +127,15 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str,
         problems.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:2])})")
     if problems:
         raise UserError(f"{what} does not fit the model: " + "; ".join(problems))
+    check_finite_weights(state, what)
     module.load_state_dict(state, strict=False)
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], what: str) -> None:
+    """A one-line :class:`UserError` naming the first tensor of ``state`` that holds a NaN or an infinity (one pass
+    over the weights, :func:`utils.finite.first_nonfinite_key`): a run stops before it saves a non-finite model, so
+    such a file was damaged or written by other code, and every number computed from it would be meaningless."""
+    key = first_nonfinite_key(state)
+    if key is not None:
+        raise UserError(f"{what} holds non-finite weights: {key} has {describe_nonfinite(state[key])} (a damaged "
+                        "file, or one saved by a run that diverged); use another checkpoint")

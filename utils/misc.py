@@ -1,20 +1,27 @@
-"""Small helpers shared by every phase: the 95% interval, running means, timers, seeding and RNG state.
+"""Small helpers shared by every phase: the 95% interval, running means, timers, seeding and RNG state, and the
+atomic writes every file of a run goes through (:func:`atomic_write`: one-line :class:`WriteError` on a full disk, a
+read-only folder or a permission error; :func:`remove_orphaned_temporaries` for what a killed writer left).
 
 The confidence interval follows the official code (``pytorch/utils/misc.py`` L74-87): ``1.96 * std / sqrt(n)``
 with the population standard deviation (``np.std``, ``ddof=0``), reported in the same unit as the mean.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import re
+import socket
 import tempfile
 import time
 from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from utils.errors import UserError
 
 
 def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -128,22 +135,134 @@ def set_generator_state(gen: np.random.Generator, s: dict[str, Any]) -> None:
                                "has_uint32": int(s["has_uint32"]), "uinteger": int(s["uinteger"])}
 
 
+# Temporary files of atomic_write: ".tmp_<pid>@<host>+<random><suffix>", so that a later run can tell the orphans of a
+# killed process (pid no longer alive on this host) from a live writer's, e.g. a meta_eval writing results.json beside
+# a training. Files named ".tmp_<random>" (before the pid was in the name) are the orphans of an older version.
+TMP_PREFIX = ".tmp_"
+_TMP_OWNER = re.compile(r"^\.tmp_(\d+)@([A-Za-z0-9.-]*)\+")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only or permission denied, a file in the way): ``path`` (the
+    file meant), ``reason`` (the system's words) and ``fix`` (what to do about it). ``str()`` is one line."""
+
+    def __init__(self, path: str, reason: str, fix: str):
+        self.path, self.reason, self.fix = path, reason, fix
+        super().__init__(f"cannot write {path}: {reason} ({fix}, or write somewhere else)")
+
+
+def write_error(path: str, e: OSError) -> WriteError:
+    """The :class:`WriteError` for ``e`` raised while writing ``path``, with the fix its errno calls for."""
+    folder = os.path.dirname(os.path.abspath(path))
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on its disk"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {folder} writable"
+    elif code in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        where = e.filename if isinstance(getattr(e, "filename", None), str) else path
+        fix = f"move {where} out of the way"
+    else:
+        fix = f"check {folder} and its disk"
+    return WriteError(path, e.strerror or type(e).__name__, fix)
+
+
+class _Recorder:
+    """The open file as the writer sees it, keeping the first :class:`OSError` of a write: ``torch.save`` turns a
+    failed write (a full disk) into a ``RuntimeError`` ("unexpected pos ...") that has lost the errno."""
+
+    def __init__(self, f: IO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
-    moment leaves either the old file or the new one, never half a file. ``write`` gets the open file."""
+    moment leaves either the old file or the new one, never half a file. ``write`` gets the open file.
+
+    A failure to write (disk full, read-only folder, permission denied, a file where the folder should be) raises a
+    one-line :class:`WriteError` naming ``path``; the temporary file is removed on every exit path (an interrupt
+    included), and the file already at ``path`` is untouched."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    rec = None
+    tmp = None
     try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}@{_host_tag()}+",
+                                   suffix=os.path.splitext(path)[1])
         with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
+            rec = _Recorder(f)
+            write(rec)
+            rec.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from e
+    except Exception as e:
+        if rec is not None and rec.error is not None:  # e.g. torch.save's RuntimeError over a full disk
+            raise write_error(path, rec.error) from e
         raise
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_orphaned_temporaries(folder: str, legacy: bool = False) -> list[str]:
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` that a killed process left behind: those
+    whose name carries the id of a process of this host that no longer runs (``legacy``: also the ``.tmp_<random>``
+    names of older versions, which carry no owner; only safe where no other writer can be at work, i.e. with the run
+    folder's lock held). A file of a live process or of another host is left alone. Returns the names removed."""
+    removed = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return removed
+    host = _host_tag()
+    for name in names:
+        if not name.startswith(TMP_PREFIX):
+            continue
+        m = _TMP_OWNER.match(name)
+        orphan = (m.group(2) == host and not pid_alive(int(m.group(1)))) if m else legacy
+        if orphan:
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -17,22 +17,13 @@ import socket
 import time
 
 from utils.errors import UserError
+from utils.misc import pid_alive as _pid_alive
 
 __all__ = ["RunLock", "RUN_FILES", "holds_run", "move_aside"]
 
 LOCK_NAME = ".lock"
 # The files that make a folder hold a run (finished or interrupted): what a later run would overwrite.
 RUN_FILES = ("resume.pth", "last.pth", "max_acc.pth", "trlog.json")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
 
 
 def _describe(info: dict) -> str:

@@ -40,6 +40,14 @@ class InnerLoop:
     lr: float
     loss_scale: float = 1.0
     second_order: bool = False
+    flags: tuple[str, str] = ("", "")  # the flags that set (steps, lr), named in the messages of non-finite values
+
+    def hint(self) -> str:
+        """``'--base_lr (set to 0.01) or --test_update_step (set to 100)'``: what to lower when it overflows."""
+        steps, lr = self.flags
+        if not lr:
+            return "the inner loop's step size or number of steps"
+        return f"{lr} (set to {self.lr:g}) or {steps} (set to {self.steps})"
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class EvalSettings:
     amp: bool | str = False  # utils.gpu_tools.amp_mode: off | auto | bfloat16 (a bool: --amp alone)
     progress: bool = False
     flip_support: bool = False
+    phase: str = "evaluation"  # named in messages: pre-train validation, meta-validation, meta-test
 
 
 @dataclass(frozen=True)
@@ -176,11 +185,17 @@ class Settings:
         test_query = getattr(args, "test_query", None) or args.val_query
         return cls(
             args=args, paths=RunPaths.from_args(args), data=DataSettings.from_args(args),
-            inner_train=InnerLoop(args.update_step, args.base_lr, scale, bool(args.second_order)),
-            pre_val=EvalSettings(**val, inner=InnerLoop(args.pre_val_update_step, args.pre_val_base_lr)),
-            meta_val=EvalSettings(**val, inner=InnerLoop(args.update_step, args.base_lr, scale)),
+            inner_train=InnerLoop(args.update_step, args.base_lr, scale, bool(args.second_order),
+                                  flags=("--update_step", "--base_lr")),
+            pre_val=EvalSettings(**val, phase="pre-train validation",
+                                 inner=InnerLoop(args.pre_val_update_step, args.pre_val_base_lr,
+                                                 flags=("--pre_val_update_step", "--pre_val_base_lr"))),
+            meta_val=EvalSettings(**val, phase="meta-validation",
+                                  inner=InnerLoop(args.update_step, args.base_lr, scale,
+                                                  flags=("--update_step", "--base_lr"))),
             test=EvalSettings(**common, query=test_query, episodes=args.num_test_episodes,
-                              classifier=args.eval_classifier, flip_support=flip,
+                              classifier=args.eval_classifier, flip_support=flip, phase="meta-test",
                               inner=InnerLoop(args.test_update_step, args.base_lr,
-                                              inner_loss_scale(args.inner_loss, args.way, 2 if flip else 1))),
+                                              inner_loss_scale(args.inner_loss, args.way, 2 if flip else 1),
+                                              flags=("--test_update_step", "--base_lr"))),
             hard=HardTaskSettings.from_args(args) if args.hard_task else None, amp=amp)

@@ -133,3 +133,96 @@ def test_bank_equals_episodic_just_inside_the_stable_inner_step():
     all_clear = clear.all(dim=1).numpy()
     np.testing.assert_array_equal(bank[all_clear], epi[all_clear])
     assert all_clear.sum() >= 15 and 0.3 < bank.mean() < 1.0
+
+
+# ---------------------------------------------------------------- issue 20: non-finite values stop the evaluation
+def _overflow_case():
+    """8 classes of 6 images; class 7's images are white, and the encoder gives them features of 1e25 (finite), so
+    the inner loop overflows in the one episode that holds class 7: the last of 4 (in a 2-process run, rank 1's)."""
+    from data_generator.meta_data_generator import layout
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 200, (8, 6, 16, 16, 3)).astype(np.uint8)
+    imgs[7] = 255
+    imageset = ImageSet(images=imgs.reshape(-1, 16, 16, 3), labels=np.repeat(np.arange(8), 6).astype(np.int64),
+                        class_names=[f"c{i}" for i in range(8)], source="synthetic")
+    eps = np.stack([layout(np.array([[6 * c + j for j in range(3)] for c in cls]), 1)
+                    for cls in ([0, 1, 2, 3, 4], [1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [0, 1, 2, 3, 7])])
+
+    class Encoder(torch.nn.Module):
+        out_dim = 16
+
+        def forward(self, x):  # x: (B, 16, 16, 3) float in [0, 255] (the identity transform below)
+            white = (x.mean((1, 2, 3)) > 250).float()[:, None]
+            return x.reshape(len(x), -1)[:, :16] / 255 + white * 1e25
+    return imageset, eps, Encoder(), (lambda x: x.float())
+
+
+def _overflow_settings(mode="bank"):
+    from utils.settings import EvalSettings, InnerLoop
+    return EvalSettings(way=5, shot=1, query=2, episodes=4, seed=0, mode=mode, phase="meta-test",
+                        inner=InnerLoop(3, 0.1, flags=("--test_update_step", "--base_lr")))
+
+
+def test_an_overflowing_episode_is_named_on_both_paths():
+    import pytest
+
+    from trainer.evaluate import evaluate
+    from utils.finite import NonFiniteError
+    imageset, eps, enc, tf = _overflow_case()
+    w, b = init_head(5, 16, 0)
+    for mode in ("bank", "episodic"):
+        with pytest.raises(NonFiniteError) as e:
+            evaluate(enc, imageset, tf, eps, w, b, _overflow_settings(mode), torch.device("cpu"))
+        assert str(e.value) == ("meta-test: the inner loop gave non-finite logits in episode 4 (of 4); nothing was "
+                                "written. Lower --base_lr (set to 0.1) or --test_update_step (set to 3)"), mode
+    for chunk in (1, 3):  # the chunk that holds it, and the index within the chunk
+        with pytest.raises(NonFiniteError) as e:
+            evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps, 5, 1, w, b, 3, 0.1, chunk=chunk)
+        assert e.value.episode == 3
+    assert len(evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps[:3], 5, 1, w, b, 3, 0.1)) == 3
+
+
+def _two_rank_worker(rank: int, port: int, mode: str, q) -> None:
+    import os
+    import traceback
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        from trainer.evaluate import evaluate
+        from utils import distributed as D
+        from utils.finite import NonFiniteError
+        D.init_from_env("cpu", 30)  # a rank left waiting would fail after 30 s, not pass
+        imageset, eps, enc, tf = _overflow_case()
+        w, b = init_head(5, 16, 0)
+        try:
+            evaluate(enc, imageset, tf, eps, w, b, _overflow_settings(mode), torch.device("cpu"))
+            q.put((rank, "no error"))
+        except NonFiniteError as e:
+            q.put((rank, str(e)))
+        D.shutdown()
+    except BaseException:
+        q.put((rank, traceback.format_exc()))
+
+
+def test_two_processes_stop_together_when_one_shard_overflows():
+    """Under torchrun each rank scores its shard; only rank 1's holds the bad episode. Every rank must stop with the
+    same line (found by the gather that collects the accuracies), none wait at a collective for the other."""
+    import socket
+
+    import torch.multiprocessing as mp
+    for mode in ("bank", "episodic"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_two_rank_worker, args=(r, port, mode, q)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        results = dict(q.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(timeout=30)
+        line = ("meta-test: the inner loop gave non-finite logits in episode 4 (of 4); nothing was written. Lower "
+                "--base_lr (set to 0.1) or --test_update_step (set to 3)")
+        assert results == {0: line, 1: line}, (mode, results)

@@ -50,3 +50,125 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(str(p), {"a": 1})
     assert p.read_text().strip().startswith("{")
     assert not [f for f in p.parent.iterdir() if f.name.startswith(".tmp_")]
+
+
+# ---------------------------------------------------------------- issue 20: write faults and orphaned temporaries
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_write_names_its_temporary_after_its_process(tmp_path, monkeypatch):
+    import os
+
+    from utils import misc
+    seen = []
+    real = misc.tempfile.mkstemp
+    monkeypatch.setattr(misc.tempfile, "mkstemp", lambda **kw: seen.append(real(**kw)) or seen[-1])
+    write_json_atomic(str(tmp_path / "x.json"), [1])
+    name = os.path.basename(seen[0][1])
+    assert name.startswith(f".tmp_{os.getpid()}@") and name.endswith(".json")
+    assert misc._TMP_OWNER.match(name).groups() == (str(os.getpid()), misc._host_tag())
+
+
+def test_a_full_disk_is_one_write_error_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch):
+    """torch.save over a full disk raises a RuntimeError without the errno; atomic_write reports the OSError it
+    recorded, removes its temporary file and leaves the previous checkpoint whole."""
+    import errno
+    import os
+
+    from utils import misc
+    from utils.checkpoint import save_atomic
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    path = tmp_path / "ck.pth"
+    save_atomic({"w": torch.arange(5)}, str(path))
+    before = path.read_bytes()
+    real = misc.tempfile.mkstemp
+
+    def full(**kw):
+        fd, p = real(**kw)
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return fd, p
+    monkeypatch.setattr(misc.tempfile, "mkstemp", full)
+    for write in (lambda: save_atomic({"w": torch.zeros(10000)}, str(path)),
+                  lambda: write_json_atomic(str(tmp_path / "t.json"), list(range(10000)))):
+        with pytest.raises(misc.WriteError) as e:
+            write()
+        assert e.value.reason == os.strerror(errno.ENOSPC) and e.value.fix == "free space on its disk"
+        assert str(e.value).startswith(f"cannot write {tmp_path}{os.sep}")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+@pytest.mark.parametrize("code,fix", [("EACCES", "make {d} writable"), ("EROFS", "make {d} writable"),
+                                      ("EDQUOT", "free space on its disk"), ("EIO", "check {d} and its disk")])
+def test_write_error_says_what_to_do_for_each_errno(tmp_path, code, fix):
+    import errno
+    import os
+
+    from utils.misc import write_error
+    e = write_error(str(tmp_path / "a.json"), OSError(getattr(errno, code), os.strerror(getattr(errno, code))))
+    assert e.fix == fix.format(d=tmp_path) and e.reason == os.strerror(getattr(errno, code))
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+    from utils.misc import WriteError
+    (tmp_path / "sub").write_text("a file, not a folder")
+    with pytest.raises(WriteError, match=r"\(move .*sub out of the way, or write somewhere else\)"):
+        write_json_atomic(str(tmp_path / "sub" / "x.json"), 1)
+
+
+def test_orphaned_temporaries_of_dead_processes_are_removed_and_no_others(tmp_path):
+    import os
+
+    from utils.misc import _host_tag, remove_orphaned_temporaries
+    dead, host = _dead_pid(), _host_tag()
+    names = {"dead": f".tmp_{dead}@{host}+abc_12.pth", "live": f".tmp_{os.getpid()}@{host}+def.json",
+             "elsewhere": f".tmp_{dead}@other-host+ghi.pth", "legacy": ".tmp_k2j_3hx.pth", "keep": "last.pth"}
+    for n in names.values():
+        (tmp_path / n).write_text("x")
+    assert remove_orphaned_temporaries(str(tmp_path)) == [names["dead"]]
+    assert remove_orphaned_temporaries(str(tmp_path), legacy=True) == [names["legacy"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["elsewhere"], "last.pth"])
+    assert remove_orphaned_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_torch_save_over_a_disk_that_fills_midway_is_a_write_error(tmp_path, monkeypatch):
+    """A real disk takes the first bytes, then refuses (``ENOSPC``) with nothing left to flush on close: torch.save
+    then raises ``RuntimeError: ... unexpected pos ...`` (the errno lost); atomic_write names the recorded OSError."""
+    import errno
+    import os
+    import types
+
+    from utils import misc
+    from utils.checkpoint import save_atomic
+
+    class FillsUp:
+        def __init__(self, fd, mode):
+            self.f, self.room = open(fd, mode, buffering=0), 1000
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(misc, "os", types.SimpleNamespace(**{**vars(os), "fdopen": FillsUp}))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # what torch.save alone makes of it
+        with FillsUp(os.open(tmp_path / "plain.pth", os.O_WRONLY | os.O_CREAT), "wb") as f:
+            torch.save({"w": torch.zeros(10000)}, f)
+    with pytest.raises(misc.WriteError, match=r"^cannot write .*ck\.pth: No space left on device \(free space"):
+        save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "ck.pth"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pth"]
