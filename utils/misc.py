@@ -208,9 +208,18 @@ class _Recorder:
         return getattr(self._f, name)
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``: a crash at any
-    moment leaves either the old file or the new one, never half a file. ``write`` gets the open file.
+    moment leaves either the old file or the new one, never half a file. ``write`` gets the open file. The file
+    gets the permissions a plain ``open(path, "w")`` would give it (0666 less the umask; not ``mkstemp``'s 0600, which
+    would hide a run's checkpoints from the other users of a shared group folder).
 
     A failure to write (disk full, read-only folder, permission denied, a file where the folder should be) raises a
     one-line :class:`WriteError` naming ``path``; the temporary file is removed on every exit path (an interrupt
@@ -222,6 +231,7 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}@{_host_tag()}+",
                                    suffix=os.path.splitext(path)[1])
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb" if binary else "w") as f:
             rec = _Recorder(f)
             write(rec)

@@ -1,4 +1,5 @@
 import math
+import os
 import random
 
 import numpy as np
@@ -172,3 +173,17 @@ def test_torch_save_over_a_disk_that_fills_midway_is_a_write_error(tmp_path, mon
     with pytest.raises(misc.WriteError, match=r"^cannot write .*ck\.pth: No space left on device \(free space"):
         save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "ck.pth"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pth"]
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    """Not mkstemp's 0600: a checkpoint in a shared folder is readable by whom a plain open() would allow."""
+    from utils.misc import atomic_write
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / "a.json"), lambda f: f.write("{}"))
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "b.json") == 0o640
