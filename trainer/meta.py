@@ -174,10 +174,11 @@ class MetaTrainer(BaseTrainer):
         kept = sorted((f for f in os.listdir(folder) if f.startswith("epoch") and f.endswith(".pth")),
                       key=lambda f: int(f[5:-4]) if f[5:-4].isdigit() else -1) if os.path.isdir(folder) else []
         if a.pre_init_epoch and (kept or os.path.isfile(os.path.join(folder, "max_acc.pth"))):
-            epochs = ", ".join(f[5:-4] for f in kept) or "none"
-            raise UserError(f"--pre_init_epoch {a.pre_init_epoch}: the pre-train run in {folder} kept no "
-                            f"epoch{a.pre_init_epoch}.pth (it kept epochs: {epochs}, every --pre_save_every epochs); "
-                            "pass one of those, or --pre_init_epoch 0 for max_acc.pth (the best by validation)")
+            has = f"it kept {_listing(kept)}" if kept else "it kept none"
+            raise UserError(f"--pre_init_epoch {a.pre_init_epoch}: the pre-train run in {folder} has no "
+                            f"epoch{a.pre_init_epoch}.pth ({has}; pre-train keeps one every --pre_save_every epochs): "
+                            "pass the epoch of one it kept, or --pre_init_epoch 0 for max_acc.pth (the best by "
+                            "validation)")
         raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
                         "--dataset/--backbone/--pre_label, or pass --init_weights")
 
