@@ -507,6 +507,15 @@ def test_a_missing_init_weights_file_is_named_with_what_its_folder_holds(world, 
     assert "run --phase meta_train" not in line
 
 
+@pytest.mark.parametrize("flag,phase", [("--pre_train_dir", PRE), ("--meta_val_dir", META), ("--meta_test_dir", EVAL)])
+def test_a_missing_split_folder_names_the_flag_that_gave_it(flag, phase, world, tmp_path, capsys):
+    """E01 said "set --dataset_dir" also when the folder came from --pre_train_dir & co. (not read then)."""
+    c = Case(world, tmp_path)
+    line = _one_line(*run_cli(c.argv(*phase, flag, str(c.tmp / "nowhere")), capsys),
+                     f"dataset folder not found: {c.tmp / 'nowhere'} ", f"; set {flag}, or try")
+    assert "--dataset_dir" not in line
+
+
 def test_tf_weights_for_another_backbone_without_bn_mode_name_both_flags(world, tmp_path, capsys):
     c = Case(world, tmp_path)
     official_files(str(c.tmp / "dl"), widths=SLIM)

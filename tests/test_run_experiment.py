@@ -144,8 +144,11 @@ def test_pre_without_data_is_one_clear_message(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: dataset folder not found: ./data/mini-imagenet/train")
+    assert len(err) == 2 and err[0].startswith("error: dataset folder not found: ./data/mini-imagenet/train")
     assert "<root>/{train,val,test}/<class>/<image>" in err[0] and "DEMO" in err[0]
+    # the flag that named the folder (not --dataset_dir, which this command does not pass), and the constant behind it
+    assert "set --pre_train_dir," in err[0]
+    assert err[1] == f"note: in run_experiment.py, --pre_train_dir is PRE_TRA_DIR (line {_line('PRE_TRA_DIR')})"
     assert p.stdout.startswith("$ ")  # the command is printed before it runs
 
 
