@@ -17,8 +17,11 @@ PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/devic
 ``--dry_run`` (print the commands, run nothing), for BENCH ``--full`` (the GPU configuration), and for DEMO and
 ABLATION ``--smoke`` (the same commands, shortened).
 
-Edit the constants to change the experiment. Every command is printed before it runs, so each experiment can
-be repeated by hand. The hyperparameters themselves are defined (with help texts) in ``utils/options.py``.
+Edit the constants to change the experiment. Before anything runs (``--dry_run`` too) each constant is checked
+(type, range, the constants that contradict each other, main.py's own checks of each command; ``check_constants``):
+a wrong one is one line naming it and its line here, exit 2. Every command is printed before it runs, so each
+experiment can be repeated by hand. The hyperparameters themselves are defined (with help texts and ranges) in
+``utils/options.py``.
 """
 from __future__ import annotations
 
@@ -157,7 +160,8 @@ PAPER_FLAGS = (("--backbone", "NET_ARCH"), ("--image_size", "IMAGE_SIZE"), ("--p
                ("--pre_iters_per_epoch", "PRE_EPOCH_ITERS"),
                ("--pre_max_epoch", ("PRE_TRA_ITER_MAX", "PRE_EPOCH_ITERS")),
                ("--pre_step_size", ("PRE_DROP_STEP", "PRE_EPOCH_ITERS")),
-               ("--pre_init_epoch", ("PRE_ITER", "PRE_EPOCH_ITERS")), ("--pre_save_every", ("PRE_ITER", "PRE_EPOCH_ITERS")),
+               ("--pre_init_epoch", ("PRE_ITER", "PRE_EPOCH_ITERS")),
+               ("--pre_save_every", ("PRE_ITER", "PRE_EPOCH_ITERS")),
                ("--num_batch", "SAVE_STEP"), ("--max_epoch", ("MAX_MAX_ITER", "SAVE_STEP")),
                ("--step_size", ("LR_DROP_STEP", "SAVE_STEP")), ("--meta_batch_size", "META_BATCH_SIZE"),
                ("--meta_lr1", "META_LR"), ("--meta_lr2", "META_LR"), ("--meta_lr_min", "META_LR_MIN"),

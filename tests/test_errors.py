@@ -552,7 +552,8 @@ def test_useless_flags_warn_in_one_line_and_the_run_goes_on(case, world, tmp_pat
     capsys.readouterr()
     assert main.cli(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [ln for ln in out if ln.startswith(expect)] and len([ln for ln in out if ln.startswith(("warn", "note"))]) == 1
+    notes = [ln for ln in out if ln.startswith(("warning", "note"))]
+    assert len(notes) == 1 and notes[0].startswith(expect), out
 
 
 # issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E110-E126 (flags; E127-E129 run_experiment)

@@ -292,7 +292,8 @@ WRONG = [
     ("META_LR_MIN", 0.01, "META", "(with META_LR = 0.001, line {META_LR}): main.py refuses it: --meta_lr_min 0.01 is "
                                   "above --meta_lr1 0.001"),
     ("MAX_MAX_ITER", 20050, "META", "is not a multiple of SAVE_STEP = 100 (line {SAVE_STEP}): main.py counts"),
-    (("DEMO_SMOKE", "pre_max_epoch"), 0, "DEMO --smoke", "must be a positive integer (it sets main.py --pre_max_epoch)"),
+    (("DEMO_SMOKE", "pre_max_epoch"), 0, "DEMO --smoke",
+     "must be a positive integer (it sets main.py --pre_max_epoch)"),
     (("ABLATION", "benchmark_seed"), -1, "ABLATION", "must be an integer in [0, 4294967295]"),
     (("DEMO", "bse_lr"), 0.1, "DEMO", "DEMO['bse_lr']: 'bse_lr' is not a main.py flag"),
 ]

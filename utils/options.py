@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
     a("--init_weights", type=path_text, default=None,
       help="pre-trained encoder checkpoint for meta_train ('scratch': a random backbone, the no-pre-training ablation)")
-    flex(a("--eval_weights", type=path_text, default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
+    flex(a("--eval_weights", type=path_text, default=None,
+           help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
     a("--meta_label", type=label_text, default="exp1", help="suffix of the meta-train log folder")
     flex(a("--pre_max_epoch", type=positive_int, default=100))
     a("--pre_batch_size", type=positive_int, default=128)
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--meta_train_dir", type=path_text, default=None, help="meta-train images (default: <dataset_dir>/train)")
     a("--meta_val_dir", type=path_text, default=None, help="validation images (default: <dataset_dir>/val)")
     flex(a("--meta_test_dir", type=path_text, default=None, help="test images (default: <dataset_dir>/test)"))
-    flex(a("--cache_dir", type=path_text, default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
+    flex(a("--cache_dir", type=path_text, default=None,
+           help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
     flex(a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache"))
 
     g = p.add_argument_group("pre-train")

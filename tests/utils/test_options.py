@@ -1,6 +1,10 @@
+import argparse
+import math
+
 import pytest
 
-from utils.options import RECIPES, parse_args
+from utils import options
+from utils.options import RECIPES, SEED_MAX, build_parser, explicit_flags, parse_args
 
 OFFICIAL = {  # reference section 7.1: name -> official default
     "model_type": "ResNet", "phase": "meta_train", "seed": 0, "dataset_dir": "./data/mini/", "max_epoch": 100,
@@ -41,12 +45,6 @@ def test_nonpositive_counts_are_rejected(flag, value, capsys):
 
 
 # ------------------------------------------------------------------ issue 20: every flag's range at parse time
-import argparse  # noqa: E402
-import math  # noqa: E402
-
-from utils import options  # noqa: E402
-from utils.options import SEED_MAX, build_parser, explicit_flags  # noqa: E402
-
 
 
 def test_every_flag_with_a_value_has_a_checking_type_or_choices():
