@@ -167,9 +167,6 @@ PAPER_FLAGS = (("--backbone", "NET_ARCH"), ("--image_size", "IMAGE_SIZE"), ("--p
                ("--meta_lr1", "META_LR"), ("--meta_lr2", "META_LR"), ("--meta_lr_min", "META_LR_MIN"),
                ("--update_step", "UPDATE_NUM"), ("--test_update_step", "TEST_UPDATE_NUM"), ("--base_lr", "BASE_LR"),
                ("--train_query", "TRAIN_QUERY"), ("--val_query", "TEST_QUERY"), ("--inner_loss", "INNER_LOSS"))
-# The switches: constant -> the flag it adds when True (SECOND_ORDER = False adds --first_order).
-SWITCHES = {"SECOND_ORDER": "--second_order", "HARD_TASK": "--hard_task", "RESUME": "--resume",
-            "OVERWRITE": "--overwrite", "TF_PROTOCOL": "TF_FLAGS"}
 
 
 def _per(total: str, step: str) -> int:
@@ -643,15 +640,11 @@ def earlier_run_note(cmd: list[str]) -> str | None:
 
 
 def _relay(proc: subprocess.Popen) -> bytes:
-    """Copy the child's stderr to ours as it comes (progress bars included); return its last bytes. Ctrl-C reaches
-    the child too (the same terminal): it stops on its own and says how to continue, so we keep relaying."""
+    """Copy the child's stderr to ours as it comes (progress bars included); return its last bytes."""
     out = getattr(sys.stderr, "buffer", None)
     tail = b""
     while True:
-        try:
-            chunk = os.read(proc.stderr.fileno(), 65536)
-        except KeyboardInterrupt:
-            continue
+        chunk = os.read(proc.stderr.fileno(), 65536)
         if not chunk:
             return tail
         if out is not None:
@@ -660,6 +653,31 @@ def _relay(proc: subprocess.Popen) -> bytes:
         else:
             sys.stderr.write(chunk.decode(errors="replace"))
         tail = (tail + chunk)[-16384:]
+
+
+def run_child(cmd: list[str]) -> tuple[int, bytes]:
+    """Run ``cmd`` with its stderr relayed (:func:`_relay`); returns its exit status (128 + N when signal N ended
+    it, as a shell says) and the end of its stderr. While it runs, this process outlives it, so nothing it prints is
+    lost: Ctrl-C reaches it directly (the terminal signals the whole foreground process group), so SIGINT is ignored
+    here; SIGTERM and SIGHUP, which a scheduler or ``kill`` may send to this process alone, are passed on to it
+    (main.py ignores a repeat of the signal it is already stopping for)."""
+    import signal
+    import threading
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name),
+                                                                lambda signum, frame: proc.send_signal(signum))
+    try:
+        tail = _relay(proc)
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return (128 - rc if rc < 0 else rc), tail
 
 
 def source_note(stderr_tail: str, sources: dict[str, tuple]) -> str | None:
@@ -689,14 +707,7 @@ def run(cmd: list[str], dry: bool, sources: dict[str, tuple] | None = None) -> N
         print(note, flush=True)
     if dry:
         return
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-    tail = _relay(proc)
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except KeyboardInterrupt:
-            continue
+    rc, tail = run_child(cmd)
     if rc != 0:
         note = source_note(tail.decode(errors="replace"), sources or {})
         if note:

@@ -376,3 +376,49 @@ def test_a_later_main_py_error_names_the_constant_behind_its_flag(monkeypatch, t
     assert e.value.code == 2 and len(err) == 2 and "Traceback" not in "".join(err), err
     assert err[0].startswith("error: --device cuda was requested but no CUDA GPU is available")
     assert err[1] == f"note: in run_experiment.py, --device is DEVICE (line {_line('DEVICE')})"
+
+
+def test_ctrl_c_reaches_main_py_which_says_how_to_continue(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during a command: main.py stops with its own line and exit
+    130; run_experiment.py waits for it and exits with its status, without a traceback of its own (it used to raise
+    KeyboardInterrupt and kill main.py after 0.25 s)."""
+    import signal
+    import time
+    code = ("import run_experiment as rx, sys; rx.DEVICE = 'cpu'; "
+            f"rx.DEMO_SMOKE = dict(rx.DEMO_SMOKE, log_root={str(tmp_path / 'logs')!r}, pre_max_epoch=50); "
+            "rx.cli(['DEMO', '--smoke'])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not p.stdout.readline().startswith("phase pre_train") and time.time() < deadline:  # main.py's header:
+        pass                                                                                 # its handlers are set
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and main.py both get it
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3 and lines[0].startswith("interrupted"), err
+
+
+def test_sigterm_to_the_launcher_alone_reaches_main_py(tmp_path):
+    """A scheduler (Kubernetes, kill) may signal run_experiment.py alone: it passes SIGTERM on to main.py, waits for
+    it and exits as it did (143 = 128 + SIGTERM), without a traceback of its own (it used to die at once and leave
+    main.py running)."""
+    import signal
+    import time
+    code = ("import run_experiment as rx, sys; rx.DEVICE = 'cpu'; "
+            f"rx.DEMO_SMOKE = dict(rx.DEMO_SMOKE, log_root={str(tmp_path / 'logs')!r}, pre_max_epoch=50); "
+            "rx.cli(['DEMO', '--smoke'])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not p.stdout.readline().startswith("phase pre_train") and time.time() < deadline:
+        pass
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)  # the launcher only
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, err[-3000:])
+    assert "Traceback" not in err, err
