@@ -349,7 +349,8 @@ def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: to
     if kind == "meta":
         w, b = head["weight"].float(), head["bias"].float()
         if w.shape[0] != way:
-            raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}")
+            raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}; pass --way "
+                            f"{w.shape[0]}")
     else:
         w, b = init_head(way, encoder.out_dim, eval_seed)
     return encoder.to(device), w.to(device), b.to(device), kind
