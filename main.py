@@ -18,9 +18,16 @@ from typing import Sequence
 from utils.errors import UserError
 
 
-def validate_args(args) -> None:
-    """Checks that need more than one flag, or the backbone registry."""
+HT_OPTIONS = ("ht_normal_tasks", "ht_hard_tasks", "ht_update", "ht_start_epoch")
+
+
+def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
+    """Checks that need more than one flag, the phase, or the backbone registry: a ``UserError`` for flags that
+    contradict each other or ask for something the phase would silently not do; the returned lines are warnings
+    for flags that are merely useless here (docs/ERRORS.md, "Flags that conflict"). ``given``: the flags given on
+    the command line (:func:`utils.options.explicit_flags`; a recipe's or the parser's default is not "given")."""
     from models.resnet_mtl import min_image_size
+    warnings = []
     if args.way < 2:
         raise UserError(f"--way {args.way}: a few-shot task needs at least 2 classes")
     if args.image_size < min_image_size(args.backbone):
@@ -29,12 +36,51 @@ def validate_args(args) -> None:
     if args.amp_dtype != "auto" and not args.amp:
         raise UserError(f"--amp_dtype {args.amp_dtype} chooses the precision of --amp, which is not given "
                         f"(add --amp, or drop --amp_dtype)")
-    if args.sync_bn and args.phase != "pre_train":
-        print("warning: --sync_bn applies to pre_train only (meta-train normalises each task by its own batch, "
-              "as one process does)", flush=True)
-    if args.hard_task and args.phase == "meta_train" and args.ht_hard_tasks == 0:
-        print("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard task",
-              flush=True)
+    phase = args.phase
+    if phase == "pre_train" and args.init_weights is not None:
+        raise UserError(f"--init_weights {args.init_weights} is where --phase meta_train starts; pre_train always "
+                        "trains its backbone from a random initialisation (drop --init_weights)")
+    if phase != "meta_eval" and args.eval_weights is not None:
+        start = " (meta_train starts from --init_weights)" if phase == "meta_train" else ""
+        raise UserError(f"--eval_weights {args.eval_weights} names the checkpoint that --phase meta_eval tests; "
+                        f"{phase} does not read it{start}")
+    if phase == "meta_train":
+        if args.init_weights is not None and "pre_init_epoch" in given:
+            raise UserError(f"--init_weights {args.init_weights} and --pre_init_epoch {args.pre_init_epoch} both "
+                            "choose the checkpoint meta_train starts from; give one of them")
+        ht = [f"--{k}" for k in HT_OPTIONS if k in given]
+        if ht and not args.hard_task:
+            raise UserError(f"{', '.join(ht)} {'sets' if len(ht) == 1 else 'set'} the hard-task meta-batch, which "
+                            f"is off: add --hard_task, or drop {', '.join(ht)}")
+        if args.meta_lr_min > args.meta_lr1:
+            src = "" if "meta_lr_min" in given else f" (the {args.recipe} recipe's)"
+            raise UserError(f"--meta_lr_min {args.meta_lr_min:g}{src} is above --meta_lr1 {args.meta_lr1:g}: the "
+                            f"floor would raise the meta learning rates; lower --meta_lr_min to at most "
+                            f"{args.meta_lr1:g}")
+        if args.hard_task and args.ht_start_epoch > args.max_epoch:
+            warnings.append(f"warning: --ht_start_epoch {args.ht_start_epoch} is after the last epoch (--max_epoch "
+                            f"{args.max_epoch}): no hard task will run")
+        if args.hard_task and args.ht_hard_tasks == 0:
+            warnings.append("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard "
+                            "task")
+    if phase == "meta_eval" and args.init_weights is not None and args.eval_weights is None:
+        from utils.settings import RunPaths
+        warnings.append(f"note: --init_weights is read by meta_train only; meta_eval tests "
+                        f"{RunPaths.from_args(args).meta_checkpoint} (pass --eval_weights to test another checkpoint)")
+    last = {"pre_train": args.pre_max_epoch, "meta_train": args.max_epoch}.get(phase)
+    if last is not None and args.stop_after_epoch > last:
+        warnings.append(f"warning: --stop_after_epoch {args.stop_after_epoch} is after the last epoch ({last}); "
+                        "the run ends at its last epoch")
+    if args.sync_bn and phase != "pre_train":
+        warnings.append("warning: --sync_bn applies to pre_train only (meta-train normalises each task by its own "
+                        "batch, as one process does)")
+    return warnings
+
+
+def validate_args(args, given: frozenset[str] = frozenset()) -> None:
+    """:func:`check_args`, printing its warnings (one line each, on stdout like the run's other notes)."""
+    for line in check_args(args, given):
+        print(line, flush=True)
 
 
 def join_processes(args, device):
@@ -60,7 +106,7 @@ def join_processes(args, device):
 
 
 def main(argv: Sequence[str] | None = None) -> dict | str:
-    from utils.options import describe_dataset, describe_recipe, parse_args
+    from utils.options import describe_dataset, describe_recipe, explicit_flags, parse_args
     args = parse_args(argv)
 
     from utils.gpu_tools import set_gpu
@@ -69,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     from utils.gpu_tools import pick_device
     from utils.misc import resolve_seed, seed_everything
 
-    validate_args(args)
+    validate_args(args, explicit_flags(argv))
     device = pick_device(args.device)
     from utils import distributed
     device = join_processes(args, device)

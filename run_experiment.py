@@ -17,18 +17,32 @@ PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/devic
 ``--dry_run`` (print the commands, run nothing), for BENCH ``--full`` (the GPU configuration), and for DEMO and
 ABLATION ``--smoke`` (the same commands, shortened).
 
-Edit the constants to change the experiment. Every command is printed before it runs, so each experiment can
-be repeated by hand. The hyperparameters themselves are defined (with help texts) in ``utils/options.py``.
+Edit the constants to change the experiment. Before anything runs (``--dry_run`` too) each constant is checked
+(type, range, the constants that contradict each other, main.py's own checks of each command; ``check_constants``):
+a wrong one is one line naming it and its line here, exit 2. Every command is printed before it runs, so each
+experiment can be repeated by hand. The hyperparameters themselves are defined (with help texts and ranges) in
+``utils/options.py``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 
+from utils.options import (build_parser, gpu_list, image_px, keep_rate, momentum, nonneg_float, nonneg_int, path_text,
+                           positive_float, positive_int, query_count, seed_int, timeout_seconds)
 from utils.settings import RunPaths
+
+
+def _under(folder: object, *names: str) -> str | None:
+    """``os.path.join(folder, *names)``, or None when ``folder`` is not a str: the check of the constants (which
+    runs before anything else) then names the wrong constant, instead of a traceback at import."""
+    return os.path.join(folder, *names) if isinstance(folder, str) else None
+
 
 # ------------------------------------------------------------------------------------------------------------
 # The seed's constants (defaults: the paper recipe with the ResNet-12, reference sections 4-6 and 7.3).
@@ -74,7 +88,7 @@ RESUME = False                 # continue interrupted runs (main.py --resume)
 OVERWRITE = False              # re-run into a folder holding a run: move that run aside (main.py --overwrite)
 DEVICE = "auto"                # auto, cpu or cuda
 META_LABEL = "exp1"            # label of the meta-train run
-DOWNLOAD_DIR = os.path.join(LOG_DIR, "download_weights")  # META_LOAD / TEST_LOAD read weights from here
+DOWNLOAD_DIR = _under(LOG_DIR, "download_weights")       # META_LOAD / TEST_LOAD read weights from here
 PRE_WEIGHTS_FILE = "pretrain.pth"                           # a pre-trained encoder (ours or official PyTorch)
 META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained model (ours or official PyTorch)
 TF_WEIGHTS_FILE = "weights.npy"  # present in DOWNLOAD_DIR: META_LOAD / TEST_LOAD read the official TF files there
@@ -87,7 +101,7 @@ TF_FLAGS = ["--bn_mode", "tf", "--shortcut_ss", "off", "--test_flip_support", "-
 
 # DEMO: the same code path, sized for 2 CPU cores and the embedded glyph pack (data/glyphs100.npz).
 DEMO = {
-    "dataset_dir": "data/glyphs100.npz", "log_root": os.path.join(LOG_DIR, "demo"), "backbone": "conv4",
+    "dataset_dir": "data/glyphs100.npz", "log_root": _under(LOG_DIR, "demo"), "backbone": "conv4",
     "image_size": 32, "preprocess": "paper", "pre_augment": "off", "seed": 1,
     # pre-train: Adam, 8 passes over the 64 base classes (3,840 images), lr x0.1 after epoch 5
     "pre_optimizer": "adam", "pre_lr": 0.001, "pre_custom_weight_decay": 0.0, "pre_batch_size": 64,
@@ -99,7 +113,7 @@ DEMO = {
 }
 
 # DEMO --smoke (CI): the same commands, shortened, under their own log folder.
-DEMO_SMOKE = {"log_root": os.path.join(LOG_DIR, "demo_smoke"), "pre_max_epoch": 1, "max_epoch": 1, "num_batch": 3,
+DEMO_SMOKE = {"log_root": _under(LOG_DIR, "demo_smoke"), "pre_max_epoch": 1, "max_epoch": 1, "num_batch": 3,
               "num_val_episodes": 20, "num_test_episodes": 50}
 
 # ABLATION (issue #6): the five rows of the ablation on the ~1,000-class glyph benchmark (split by script), sized for
@@ -108,7 +122,7 @@ DEMO_SMOKE = {"log_root": os.path.join(LOG_DIR, "demo_smoke"), "pre_max_epoch": 
 # The choices and why: docs/RESULTS.md. Each sub-dict is main.py flags (True = a bare flag).
 ABLATION = {
     "benchmark": "data/glyphs1k", "benchmark_seed": 0,  # python -m tools.glyphs benchmark ... --ensure
-    "shots": (1, 5), "scratch_row": True, "report_dir": "docs/results", "log_root": os.path.join(LOG_DIR, "ablation"),
+    "shots": (1, 5), "scratch_row": True, "report_dir": "docs/results", "log_root": _under(LOG_DIR, "ablation"),
     "common": {"dataset": "glyphs", "dataset_dir": "data/glyphs1k.npz", "backbone": "conv4", "image_size": 32,
                "preprocess": "paper", "way": 5, "seed": 1, "eval_seed": 1, "val_query": 15,
                "num_val_episodes": 600, "update_step": 100, "base_lr": 0.1, "inner_loss": "mean", "quiet": True},
@@ -125,8 +139,8 @@ ABLATION = {
 }
 
 # ABLATION --smoke: the same commands, tiny, under their own folders (a wiring check of a few minutes).
-ABLATION_SMOKE = {"log_root": os.path.join(LOG_DIR, "ablation_smoke"),
-                  "report_dir": os.path.join(LOG_DIR, "ablation_smoke", "report"),
+ABLATION_SMOKE = {"log_root": _under(LOG_DIR, "ablation_smoke"),
+                  "report_dir": _under(LOG_DIR, "ablation_smoke", "report"),
                   "pre": {"pre_max_epoch": 1, "pre_iters_per_epoch": 20}, "meta": {"max_epoch": 2, "num_batch": 2},
                   "common": {"num_val_episodes": 50}, "test": {"num_test_episodes": 100}}
 
@@ -134,40 +148,368 @@ MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLA
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _per(total: int, step: int, what: str) -> int:
-    if step <= 0 or total % step:
-        raise SystemExit(f"error: {what}: {total} is not a positive multiple of {step}")
-    return total // step
+# main.py flag <- the constant that sets it, in command-line order (``common_flags``). A pair (TOTAL, STEP) sets
+# TOTAL / STEP: an iteration count expressed in main.py's epochs of STEP iterations, so TOTAL must be a multiple.
+COMMON_FLAGS = (("--log_root", "LOG_DIR"), ("--gpu", "GPU_ID"), ("--device", "DEVICE"), ("--dataset", "DATASET"),
+                ("--pre_train_dir", "PRE_TRA_DIR"), ("--meta_train_dir", "META_TRA_DIR"),
+                ("--meta_val_dir", "META_VAL_DIR"), ("--meta_test_dir", "META_TES_DIR"), ("--way", "WAY_NUM"),
+                ("--shot", "SHOT_NUM"), ("--pre_label", "PRE_TRA_LABEL"), ("--meta_label", "META_LABEL"),
+                ("--num_test_episodes", "NUM_TEST_EPISODES"))
+PAPER_FLAGS = (("--backbone", "NET_ARCH"), ("--image_size", "IMAGE_SIZE"), ("--preprocess", "PREPROCESS"),
+               ("--pre_lr", "PRE_LR"), ("--pre_dropout_keep", "PRE_TRA_DROP"), ("--pre_batch_size", "PRE_BATCH_SIZE"),
+               ("--pre_iters_per_epoch", "PRE_EPOCH_ITERS"),
+               ("--pre_max_epoch", ("PRE_TRA_ITER_MAX", "PRE_EPOCH_ITERS")),
+               ("--pre_step_size", ("PRE_DROP_STEP", "PRE_EPOCH_ITERS")),
+               ("--pre_init_epoch", ("PRE_ITER", "PRE_EPOCH_ITERS")),
+               ("--pre_save_every", ("PRE_ITER", "PRE_EPOCH_ITERS")),
+               ("--num_batch", "SAVE_STEP"), ("--max_epoch", ("MAX_MAX_ITER", "SAVE_STEP")),
+               ("--step_size", ("LR_DROP_STEP", "SAVE_STEP")), ("--meta_batch_size", "META_BATCH_SIZE"),
+               ("--meta_lr1", "META_LR"), ("--meta_lr2", "META_LR"), ("--meta_lr_min", "META_LR_MIN"),
+               ("--update_step", "UPDATE_NUM"), ("--test_update_step", "TEST_UPDATE_NUM"), ("--base_lr", "BASE_LR"),
+               ("--train_query", "TRAIN_QUERY"), ("--val_query", "TEST_QUERY"), ("--inner_loss", "INNER_LOSS"))
+
+
+def _per(total: str, step: str) -> int:
+    """The constant ``total`` in main.py epochs of ``step`` iterations (both names of constants)."""
+    t, n = globals()[total], globals()[step]
+    if t % n:
+        _fail(f"{_at((total,))}: {total} = {t!r} is not a multiple of {step} = {n!r} (line {_line((step,))}): "
+              f"main.py counts these iterations in epochs of {step}")
+    return t // n
+
+
+def _common(recipe: str) -> tuple[list[str], dict[str, tuple]]:
+    """Flags every phase gets (the folders, device and logging constants, and with the paper recipe the
+    hyperparameter constants mapped onto main.py's flags: :data:`COMMON_FLAGS`, :data:`PAPER_FLAGS`), and for
+    each flag the constant it comes from (a key of :func:`constant_lines`)."""
+    f, src = ["--recipe", recipe], {}
+    for flag, const in COMMON_FLAGS + (PAPER_FLAGS if recipe == "paper" else ()):
+        value = _per(*const) if isinstance(const, tuple) else globals()[const]
+        f += [flag, value]
+        src[flag] = ((const[0] if isinstance(const, tuple) else const),)
+    if recipe == "paper":
+        f.append("--second_order" if SECOND_ORDER else "--first_order")
+        src["--second_order"] = src["--first_order"] = ("SECOND_ORDER",)
+    if HARD_TASK:
+        f.append("--hard_task")
+    src["--hard_task"], src["--resume"], src["--overwrite"] = ("HARD_TASK",), ("RESUME",), ("OVERWRITE",)
+    if TF_PROTOCOL:
+        f += TF_FLAGS
+    src.update({t: ("TF_FLAGS",) for t in TF_FLAGS if t.startswith("--")})
+    return [str(x) for x in f], src
 
 
 def common_flags(recipe: str) -> list[str]:
-    """Flags every phase gets: the folders, device and logging constants, and (paper recipe) the
-    hyperparameter constants mapped onto main.py's flags."""
-    f = ["--recipe", recipe, "--log_root", LOG_DIR, "--gpu", GPU_ID, "--device", DEVICE, "--dataset", DATASET,
-         "--pre_train_dir", PRE_TRA_DIR, "--meta_train_dir", META_TRA_DIR, "--meta_val_dir", META_VAL_DIR,
-         "--meta_test_dir", META_TES_DIR, "--way", WAY_NUM, "--shot", SHOT_NUM, "--pre_label", PRE_TRA_LABEL,
-         "--meta_label", META_LABEL, "--num_test_episodes", NUM_TEST_EPISODES]
-    if recipe == "paper":
-        f += ["--backbone", NET_ARCH, "--image_size", IMAGE_SIZE, "--preprocess", PREPROCESS,
-              # pre-train, iteration constants expressed in pre "epochs" of PRE_EPOCH_ITERS iterations
-              "--pre_lr", PRE_LR, "--pre_dropout_keep", PRE_TRA_DROP, "--pre_batch_size", PRE_BATCH_SIZE,
-              "--pre_iters_per_epoch", PRE_EPOCH_ITERS,
-              "--pre_max_epoch", _per(PRE_TRA_ITER_MAX, PRE_EPOCH_ITERS, "PRE_TRA_ITER_MAX"),
-              "--pre_step_size", _per(PRE_DROP_STEP, PRE_EPOCH_ITERS, "PRE_DROP_STEP"),
-              "--pre_init_epoch", _per(PRE_ITER, PRE_EPOCH_ITERS, "PRE_ITER"),
-              "--pre_save_every", _per(PRE_ITER, PRE_EPOCH_ITERS, "PRE_ITER"),
-              # meta-train, iteration constants expressed in meta "epochs" of SAVE_STEP iterations
-              "--num_batch", SAVE_STEP, "--max_epoch", _per(MAX_MAX_ITER, SAVE_STEP, "MAX_MAX_ITER"),
-              "--step_size", _per(LR_DROP_STEP, SAVE_STEP, "LR_DROP_STEP"),
-              "--meta_batch_size", META_BATCH_SIZE, "--meta_lr1", META_LR, "--meta_lr2", META_LR,
-              "--meta_lr_min", META_LR_MIN, "--update_step", UPDATE_NUM, "--test_update_step", TEST_UPDATE_NUM,
-              "--base_lr", BASE_LR, "--train_query", TRAIN_QUERY, "--val_query", TEST_QUERY,
-              "--inner_loss", INNER_LOSS, "--second_order" if SECOND_ORDER else "--first_order"]
-    if HARD_TASK:
-        f.append("--hard_task")
-    if TF_PROTOCOL:
-        f += TF_FLAGS
-    return [str(x) for x in f]
+    """Flags every phase gets (:func:`_common`)."""
+    return _common(recipe)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The check of the constants: before any command runs (--dry_run included), each constant's type and range, then
+# the relations between constants, then main.py's own checks of every command line the mode builds. The first
+# problem stops with one line naming the constant and its line in this file, exit 2. A constant that sets a main.py
+# flag is checked with that flag's type and range (utils/options.py, their one definition); so are the entries of
+# DEMO / ABLATION (main.py flags by name). The constants without a flag of their own:
+OWN_CHECKS = {
+    "PRE_TRA_ITER_MAX": positive_int, "PRE_DROP_STEP": positive_int, "PRE_ITER": positive_int,
+    "PRE_EPOCH_ITERS": positive_int, "MAX_MAX_ITER": positive_int, "LR_DROP_STEP": positive_int,
+    "SECOND_ORDER": bool, "HARD_TASK": bool, "RESUME": bool, "OVERWRITE": bool, "TF_PROTOCOL": bool,
+    "DOWNLOAD_DIR": path_text, "PRE_WEIGHTS_FILE": path_text, "META_WEIGHTS_FILE": path_text,
+    "TF_WEIGHTS_FILE": path_text, "TF_FLAGS": list, "DEMO": dict, "DEMO_SMOKE": dict, "ABLATION": dict,
+    "ABLATION_SMOKE": dict,
+}
+# ABLATION's own entries (the rest are dicts of main.py flags); "shots" is a list of --shot values.
+ABLATION_KEYS = {"benchmark": path_text, "benchmark_seed": seed_int, "shots": positive_int, "scratch_row": bool,
+                 "report_dir": path_text, "log_root": path_text, "common": dict, "pre": dict, "meta": dict, "ht": dict,
+                 "scratch": dict, "test": dict}
+# what the commands read from the dicts themselves (RunPaths, the report)
+NEEDED = {"DEMO": ("log_root", "backbone"), ("ABLATION", "common"): ("dataset", "backbone", "way"),
+          ("ABLATION", "meta"): ("meta_label",), ("ABLATION", "scratch"): ("meta_label",)}
+HINTS = {"GPU_ID": 'to run on the CPU: DEVICE = "cpu"'}
+FILE = os.path.basename(__file__)
+INT_TYPES = (positive_int, nonneg_int, seed_int, image_px)
+FLOAT_TYPES = (positive_float, nonneg_float, keep_rate, momentum, timeout_seconds)
+
+
+class ConstantError(Exception):
+    """A constant of this file that cannot work; ``str()`` is the one line (without ``error: ``)."""
+
+
+def _fail(msg: str) -> None:
+    raise ConstantError(msg)
+
+
+def constant_lines(path: str | None = None) -> dict[tuple, int]:
+    """Where each constant, and each entry of a dict constant, is set in ``path`` (this file): ``(NAME,)`` and
+    ``(NAME, key, ...)`` -> line number, read with ``ast`` (so an edited copy reports its own lines)."""
+    import ast
+    with open(path or __file__, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    out: dict[tuple, int] = {}
+
+    def walk(node, key: tuple) -> None:
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and isinstance(k.value, str):
+                    out.setdefault(key + (k.value,), k.lineno)
+                    walk(v, key + (k.value,))
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out.setdefault((t.id,), node.lineno)
+                    walk(node.value, (t.id,))
+    return out
+
+
+_LINES: dict[tuple, int] = {}
+
+
+def _line(key: tuple) -> int:
+    """The line of ``key`` (or of the nearest enclosing entry that the file names)."""
+    if not _LINES:
+        _LINES.update(constant_lines())
+    while key and key not in _LINES:
+        key = key[:-1]
+    return _LINES.get(key, 0)
+
+
+def _show(key: tuple) -> str:
+    return key[0] + "".join(f"[{k!r}]" for k in key[1:])
+
+
+def _value(key: tuple) -> object:
+    v = globals()[key[0]]
+    for k in key[1:]:
+        v = v[k]
+    return v
+
+
+def _at(key: tuple) -> str:
+    return f"{FILE} line {_line(key)}"
+
+
+def _a(value: object) -> str:
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _range(check, value: object) -> str | None:
+    """What ``check`` (a value type of utils/options.py) says about ``value``, without main.py's wording."""
+    try:
+        check(str(value))
+    except argparse.ArgumentTypeError as e:
+        return re.sub(r", got .*$", "", str(e))
+    return None
+
+
+def problem(value: object, check) -> str | None:
+    """Why ``value`` cannot be a constant checked by ``check`` (a main.py flag's argparse action, a value type of
+    utils/options.py, or bool / list / dict), or None: its type (:func:`type_problem`), then its range (the value
+    type's own check). A bool is never a number here (``True`` is an int in Python); an int is a number where a
+    float is needed."""
+    why = type_problem(value, check)
+    if why:
+        return why
+    if isinstance(check, argparse.Action):
+        if check.nargs == 0:
+            return None
+        if check.choices is not None and value not in check.choices:
+            return f"must be one of {', '.join(map(str, check.choices))}"
+        check = check.type
+    return _range(check, value) if callable(check) and check not in (bool, list, dict) else None
+
+
+def _unquoted(value: object) -> str:
+    return " (a number without quotes)" if isinstance(value, str) else ""
+
+
+def type_problem(value: object, check) -> str | None:
+    """The type half of :func:`problem`."""
+    if isinstance(check, argparse.Action):
+        check = bool if check.nargs == 0 else check.type  # a switch: True adds the bare flag, False leaves it out
+    if check is bool:
+        return None if isinstance(value, bool) else f"must be True or False (without quotes), not {_a(value)}"
+    if check is list:
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list of str (main.py flags and their values), not {_a(value)}"
+        bad = [i for i, x in enumerate(value) if not isinstance(x, str)]
+        return f"must be a list of str (main.py flags and their values); item {bad[0]} is {_a(value[bad[0]])}" \
+            if bad else None
+    if check is dict:
+        return None if isinstance(value, dict) else f"must be a dict, not {_a(value)}"
+    if check in INT_TYPES:
+        if isinstance(value, bool):
+            return "must be an int, not a bool (True and False are not numbers here)"
+        if not isinstance(value, int):
+            return f"must be an int{_unquoted(value)}, not {_a(value)}"
+    elif check in FLOAT_TYPES:
+        if isinstance(value, bool):
+            return "must be a number, not a bool (True and False are not numbers here)"
+        if not isinstance(value, (int, float)):
+            return f"must be a number{_unquoted(value)}, not {_a(value)}"
+    elif check is query_count:
+        if isinstance(value, bool) or not (isinstance(value, int) or value == "shot"):
+            return f"must be an int{_unquoted(value)} or 'shot', not {_a(value)}"
+    elif check is gpu_list and isinstance(value, int) and not isinstance(value, bool):
+        pass  # GPU_ID = 0 means "0"
+    elif not isinstance(value, str):
+        return f"must be a str (text in quotes), not {_a(value)}"
+    return None
+
+
+def _flag_actions() -> dict[str, argparse.Action]:
+    return {o: a for a in build_parser()._actions for o in a.option_strings}
+
+
+def _check(key: tuple, check, flag: str | None = None) -> None:
+    value = _value(key)
+    why = problem(value, check)
+    if why:
+        notes = [f"it sets main.py {flag}"] if flag and not type_problem(value, check) else []
+        notes += [HINTS[key[0]]] if len(key) == 1 and key[0] in HINTS else []
+        _fail(f"{_at(key)}: {_show(key)} = {value!r} {why}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def _check_flag_dict(key: tuple, actions: dict[str, argparse.Action]) -> None:
+    """A dict of main.py flags (DEMO, ABLATION's parts): each key a flag, each value of that flag's type
+    (True = the bare flag, False / None = left out)."""
+    for k in _value(key):
+        action = actions.get(f"--{k}")
+        if action is None or k in ("phase", "help"):
+            why = "is set by each command itself" if action else "is not a main.py flag (see python main.py --help)"
+            _fail(f"{_at(key + (k,))}: {_show(key + (k,))}: {k!r} {why}")
+        if _value(key + (k,)) is not None:
+            _check(key + (k,), action, f"--{k}")
+    for need in NEEDED.get(key if len(key) > 1 else key[0], ()):
+        if need not in _value(key) and not (key[0].endswith("_SMOKE")):
+            _fail(f"{_at(key)}: {_show(key)} has no {need!r}, which the commands need")
+
+
+def check_types() -> None:
+    """Every constant has the type and range it needs (:func:`problem`), in the order of the file."""
+    actions = _flag_actions()
+    specs: dict[str, tuple] = {}
+    for flag, const in COMMON_FLAGS + PAPER_FLAGS:
+        if not isinstance(const, tuple):
+            specs[const] = (actions[flag], flag)
+    specs.update({name: (check, None) for name, check in OWN_CHECKS.items()})
+    g = globals()
+    missing = [n for n in specs if n not in g]
+    if missing:
+        _fail(f"{FILE}: the constant {missing[0]} is missing; restore it (README: The constants of run_experiment.py)")
+    for name in sorted(specs, key=lambda n: _line((n,))):
+        _check((name,), *specs[name])
+    if _format_error(META_WEIGHTS_FILE):
+        _fail(f"{_at(('META_WEIGHTS_FILE',))}: META_WEIGHTS_FILE = {META_WEIGHTS_FILE!r} must be a file name in "
+              "which {shot} stands for SHOT_NUM (e.g. 'meta_{shot}shot.pth'), with no other {...}")
+    for name in ("DEMO", "DEMO_SMOKE"):
+        _check_flag_dict((name,), actions)
+    for name in ("ABLATION", "ABLATION_SMOKE"):
+        for k in g[name]:
+            if k not in ABLATION_KEYS:
+                _fail(f"{_at((name, k))}: {_show((name, k))}: {k!r} is not an ABLATION setting "
+                      f"({', '.join(ABLATION_KEYS)})")
+            if ABLATION_KEYS[k] is dict:
+                _check((name, k), dict)
+                _check_flag_dict((name, k), actions)
+            elif k == "shots":
+                shots = g[name][k]
+                if not isinstance(shots, (list, tuple)) or not shots:
+                    _fail(f"{_at((name, k))}: {_show((name, k))} = {shots!r} must be a list of shots, e.g. (1, 5)")
+                for i in range(len(shots)):
+                    _check((name, k, i), positive_int, "--shot")
+            else:
+                _check((name, k), ABLATION_KEYS[k])
+        missing = [k for k in ABLATION_KEYS if k not in g[name]] if name == "ABLATION" else []
+        if missing:
+            _fail(f"{_at((name,))}: ABLATION has no {missing[0]!r}, which the commands need")
+
+
+def _format_error(pattern: str) -> bool:
+    try:
+        pattern.format(shot=1)
+    except (KeyError, IndexError, ValueError):
+        return True
+    return False
+
+
+def check_relations(mode: str, recipe: str) -> None:
+    """Constants that contradict each other: RESUME and OVERWRITE; the iteration counts that must be multiples of
+    PRE_EPOCH_ITERS / SAVE_STEP (paper recipe: they become main.py epochs)."""
+    if RESUME and OVERWRITE:
+        _fail(f"{_at(('RESUME',))}: RESUME = True and OVERWRITE = True (line {_line(('OVERWRITE',))}) contradict "
+              "each other: RESUME continues the runs in their folders, OVERWRITE moves them aside and starts afresh; "
+              "set one of them to False")
+    if mode in ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD") and recipe == "paper":
+        for _, const in PAPER_FLAGS:
+            if isinstance(const, tuple):
+                _per(*const)
+
+
+def _main_refuses(flags: list[str]) -> str | None:
+    """What main.py would refuse in ``flags`` before running anything (its parser and ``check_args``), or None."""
+    import contextlib
+    import io
+
+    import main
+    from utils.errors import UserError
+    from utils.options import explicit_flags, parse_args
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = parse_args(flags)
+    except SystemExit:
+        return err.getvalue().strip().removeprefix("error: ").replace(" (see python main.py --help)", "")
+    try:
+        main.check_args(args, explicit_flags(flags))
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _blame(msg: str, sources: dict[str, tuple]) -> str | None:
+    """The constants behind the flags ``msg`` names: ``LINE: NAME = value (with OTHER = value, line N)``."""
+    keys = []
+    for flag in re.findall(r"--[a-z0-9_]+", msg):
+        if flag in sources and sources[flag] not in keys:
+            keys.append(sources[flag])
+    if not keys:
+        return None
+    others = ", ".join(f"{_show(k)} = {_value(k)!r}, line {_line(k)}" for k in keys[1:])
+    return f"{_at(keys[0])}: {_show(keys[0])} = {_value(keys[0])!r}" + (f" (with {others})" if others else "")
+
+
+def _mode_commands(mode: str, recipe: str, smoke: bool) -> list[tuple[list[str], dict[str, tuple]]]:
+    if mode == "DEMO":
+        return [(cmd, src) for _, cmd, src in _demo(smoke)]
+    if mode == "ABLATION":
+        return [(cmd, src) for _, cmd, src in _ablation(smoke)]
+    if mode == "BENCH":
+        return []
+    return _commands(mode, recipe)
+
+
+def check_commands(mode: str, recipe: str, smoke: bool) -> None:
+    """main.py's own checks (flag ranges, conflicts, ``main.check_args``) of every command line of the mode, before
+    the first one runs; a refusal names the constant(s) that set the flags it names."""
+    for cmd, sources in _mode_commands(mode, recipe, smoke):
+        if script("main.py") not in cmd:
+            continue
+        flags = cmd[cmd.index(script("main.py")) + 1:]
+        msg = _main_refuses(flags)
+        if msg:
+            where = _blame(msg, sources) or f"{FILE} {mode}"
+            _fail(f"{where}: main.py refuses it: {msg}")
+
+
+def check_constants(mode: str, recipe: str = "paper", smoke: bool = False) -> None:
+    """All of the above; raises :class:`ConstantError` (``cli`` prints it as one ``error:`` line, exit 2)."""
+    check_types()
+    check_relations(mode, recipe)
+    check_commands(mode, recipe, smoke)
 
 
 def downloaded_tf() -> bool:
@@ -208,50 +550,81 @@ def main_cmd(phase: str, flags: list[str], extra: list[str] | None = None) -> li
     return [sys.executable] + launcher + [script("main.py"), "--phase", phase] + flags + (extra or [])
 
 
-def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
-    """The main.py command lines of a mode (PRE, META, TEST, META_LOAD, TEST_LOAD)."""
-    f = common_flags(recipe)
+def _without(flags: list[str], flag: str) -> list[str]:
+    """``flags`` without ``flag`` and its value."""
+    if flag not in flags:
+        return flags
+    i = flags.index(flag)
+    return flags[:i] + flags[i + 2:]
+
+
+def _commands(mode: str, recipe: str = "paper") -> list[tuple[list[str], dict[str, tuple]]]:
+    """:func:`commands`, each with the constant each of its flags comes from."""
+    f, src = _common(recipe)
     resume = ["--resume"] if RESUME else (["--overwrite"] if OVERWRITE else [])
     if mode == "PRE":
-        return [main_cmd("pre_train", f, resume)]
+        return [(main_cmd("pre_train", f, resume), src)]
     if mode == "META":
-        return [main_cmd("meta_train", f, resume), main_cmd("meta_eval", f)]
+        return [(main_cmd("meta_train", f, resume), src), (main_cmd("meta_eval", f), src)]
     if mode == "TEST":
-        return [main_cmd("meta_eval", f)]
+        return [(main_cmd("meta_eval", f), src)]
     tf = mode in ("META_LOAD", "TEST_LOAD") and downloaded_tf()
     if tf and not TF_PROTOCOL:
         f = f + TF_FLAGS  # TensorFlow weights are evaluated as the authors did (models/tf_weights.py)
+        src = {**src, **{t: ("TF_WEIGHTS_FILE",) for t in TF_FLAGS if t.startswith("--")}}
     if mode == "META_LOAD":
         # TF: meta-train from weights.npy (the pre-trained encoder; fresh SS and base learner), as the TF META_LOAD
         init = DOWNLOAD_DIR if tf else os.path.join(DOWNLOAD_DIR, PRE_WEIGHTS_FILE)
-        return [main_cmd("meta_train", f, ["--init_weights", init] + resume), main_cmd("meta_eval", f)]
+        src = {**src, "--init_weights": ("DOWNLOAD_DIR",) if tf else ("PRE_WEIGHTS_FILE",)}
+        # (the downloaded weights are the start: PRE_ITER's --pre_init_epoch, which would name another, is left out)
+        return [(main_cmd("meta_train", _without(f, "--pre_init_epoch"), ["--init_weights", init] + resume), src),
+                (main_cmd("meta_eval", f), src)]
     if mode == "TEST_LOAD":
         weights = DOWNLOAD_DIR if tf else os.path.join(DOWNLOAD_DIR, META_WEIGHTS_FILE.format(shot=SHOT_NUM))
-        return [main_cmd("meta_eval", f, ["--eval_weights", weights])]
+        src = {**src, "--eval_weights": ("DOWNLOAD_DIR",) if tf else ("META_WEIGHTS_FILE",)}
+        return [(main_cmd("meta_eval", f, ["--eval_weights", weights]), src)]
     raise ValueError(mode)
+
+
+def commands(mode: str, recipe: str = "paper") -> list[list[str]]:
+    """The main.py command lines of a mode (PRE, META, TEST, META_LOAD, TEST_LOAD)."""
+    return [cmd for cmd, _ in _commands(mode, recipe)]
 
 
 def demo_settings(smoke: bool = False) -> dict:
     return {**DEMO, **(DEMO_SMOKE if smoke else {})}
 
 
+def _labels(smoke: bool, name: str, smoke_name: str, d: dict, part: str | None = None) -> dict[str, tuple]:
+    """``--key`` -> the constant entry it comes from: ``(name, part, key)``, or ``smoke_name``'s when ``smoke``
+    and that dict sets it."""
+    path = (part,) if part else ()
+    over = globals()[smoke_name] if smoke else {}
+    over = over.get(part, {}) if part else over
+    return {f"--{k}": ((smoke_name if k in over else name),) + path + (k,) for k in d}
+
+
+def _demo(smoke: bool = False) -> list[tuple[str, list[str], dict[str, tuple]]]:
+    """:func:`demo_commands`, each with the constant each flag comes from."""
+    d = demo_settings(smoke)
+    base = _flags(d) + ["--dataset", "glyphs", "--device", DEVICE]
+    src = {**_labels(smoke, "DEMO", "DEMO_SMOKE", d), "--device": ("DEVICE",)}
+    pre_ckpt = RunPaths(d["log_root"], "glyphs", d["backbone"]).pre_checkpoint()  # where main.py writes it
+    again = ["--overwrite"]  # the DEMO always starts afresh; an earlier DEMO's runs are moved aside, not deleted
+    out = [("pre-train", main_cmd("pre_train", base + again), src)]
+    for shot in (1, 5):
+        s = ["--shot", str(shot), "--meta_label", "demo"]
+        out.append((f"{shot}-shot meta-train", main_cmd("meta_train", base + s + again), src))
+        out.append((f"{shot}-shot MTL test", main_cmd("meta_eval", base + s), src))
+        out.append((f"{shot}-shot FT baseline test", main_cmd("meta_eval", base + s + ["--eval_weights", pre_ckpt]),
+                    src))
+    return out
+
+
 def demo_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
     """DEMO: pre-train once, then for 1 and 5 shots: meta-train, meta-test MTL, meta-test the FT baseline
     (the pre-trained encoder with only the linear base learner fine-tuned)."""
-    d = demo_settings(smoke)
-    base = []
-    for k, v in d.items():
-        base += [f"--{k}", str(v)]
-    base += ["--dataset", "glyphs", "--device", DEVICE]
-    pre_ckpt = RunPaths(d["log_root"], "glyphs", d["backbone"]).pre_checkpoint()  # where main.py writes it
-    again = ["--overwrite"]  # the DEMO always starts afresh; an earlier DEMO's runs are moved aside, not deleted
-    out = [("pre-train", main_cmd("pre_train", base + again))]
-    for shot in (1, 5):
-        s = ["--shot", str(shot), "--meta_label", "demo"]
-        out.append((f"{shot}-shot meta-train", main_cmd("meta_train", base + s + again)))
-        out.append((f"{shot}-shot MTL test", main_cmd("meta_eval", base + s)))
-        out.append((f"{shot}-shot FT baseline test", main_cmd("meta_eval", base + s + ["--eval_weights", pre_ckpt])))
-    return out
+    return [(name, cmd) for name, cmd, _ in _demo(smoke)]
 
 
 def earlier_run_note(cmd: list[str]) -> str | None:
@@ -266,7 +639,65 @@ def earlier_run_note(cmd: list[str]) -> str | None:
             "it or OVERWRITE = True to move it aside")
 
 
-def run(cmd: list[str], dry: bool) -> None:
+def _relay(proc: subprocess.Popen) -> bytes:
+    """Copy the child's stderr to ours as it comes (progress bars included); return its last bytes."""
+    out = getattr(sys.stderr, "buffer", None)
+    tail = b""
+    while True:
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
+            return tail
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+        tail = (tail + chunk)[-16384:]
+
+
+def run_child(cmd: list[str]) -> tuple[int, bytes]:
+    """Run ``cmd`` with its stderr relayed (:func:`_relay`); returns its exit status (128 + N when signal N ended
+    it, as a shell says) and the end of its stderr. While it runs, this process outlives it, so nothing it prints is
+    lost: Ctrl-C reaches it directly (the terminal signals the whole foreground process group), so SIGINT is ignored
+    here; SIGTERM and SIGHUP, which a scheduler or ``kill`` may send to this process alone, are passed on to it
+    (main.py ignores a repeat of the signal it is already stopping for)."""
+    import signal
+    import threading
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name),
+                                                                lambda signum, frame: proc.send_signal(signum))
+    try:
+        tail = _relay(proc)
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return (128 - rc if rc < 0 else rc), tail
+
+
+def source_note(stderr_tail: str, sources: dict[str, tuple]) -> str | None:
+    """After main.py stopped with ``error: ...`` naming flags that constants of this file set: one line naming them
+    (a message of main.py speaks of its flags; the user edits the constants)."""
+    errors = [ln for ln in stderr_tail.splitlines() if ln.startswith("error: ")]
+    if not errors:
+        return None
+    named = []
+    for flag in re.findall(r"--[a-z0-9_]+", errors[-1]):
+        if flag in sources and (flag, sources[flag]) not in named:
+            named.append((flag, sources[flag]))
+    if not named:
+        return None
+    return "note: in " + FILE + ", " + ", ".join(f"{flag} is {_show(k)} (line {_line(k)})" for flag, k in named[:4])
+
+
+def run(cmd: list[str], dry: bool, sources: dict[str, tuple] | None = None) -> None:
+    """Print ``cmd`` (and what it does to an earlier run), then run it; a failure ends this script with the same
+    exit status, after a note naming the constants behind the flags main.py's message names (``sources``)."""
     shown = ["python"] + cmd[1:] if cmd[0] == sys.executable else cmd  # repeatable by hand as printed
     if shown[1:3] == TORCHRUN:
         shown = ["torchrun"] + shown[3:]
@@ -276,16 +707,19 @@ def run(cmd: list[str], dry: bool) -> None:
         print(note, flush=True)
     if dry:
         return
-    rc = subprocess.call(cmd)
+    rc, tail = run_child(cmd)
     if rc != 0:
+        note = source_note(tail.decode(errors="replace"), sources or {})
+        if note:
+            print(note, file=sys.stderr, flush=True)
         sys.exit(rc)
 
 
 def demo(dry: bool, smoke: bool = False) -> None:
     import time
     t0 = time.perf_counter()
-    for _, cmd in demo_commands(smoke):
-        run(cmd, dry)
+    for _, cmd, src in _demo(smoke):
+        run(cmd, dry, src)
     if dry:
         return
     d = demo_settings(smoke)
@@ -335,49 +769,63 @@ def _flags(*dicts: dict) -> list[str]:
     return out
 
 
-def ablation_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
-    """ABLATION: ensure the benchmark, pre-train once, then per shot: test rows 1-2 on the pre-trained backbone,
-    meta-train and test rows 3 (MTL), 4 (MTL + HT) and 5 (MTL from scratch); the report comes last."""
+def _ablation(smoke: bool = False) -> list[tuple[str, list[str], dict[str, tuple]]]:
+    """:func:`ablation_commands`, each with the constant entry each main.py flag comes from."""
     a = ablation_settings(smoke)
     c = {**a["common"], "log_root": a["log_root"], "device": DEVICE}
+    part = lambda name: _labels(smoke, "ABLATION", "ABLATION_SMOKE", a[name], name)  # noqa: E731
+    src = {**part("common"), "--log_root": _labels(smoke, "ABLATION", "ABLATION_SMOKE", {"log_root": 0})["--log_root"],
+           "--device": ("DEVICE",)}
+    srcs = {name: {**src, **part(name)} for name in ("pre", "meta", "ht", "scratch", "test")}
     pre_ckpt = RunPaths(a["log_root"], c["dataset"], c["backbone"]).pre_checkpoint()  # the best by validation
     out = [("benchmark", [sys.executable, "-m", "tools.glyphs", "benchmark", "--out", a["benchmark"],
-                          "--seed", str(a["benchmark_seed"]), "--ensure"]),
-           ("pre-train", main_cmd("pre_train", _flags(c, a["pre"])))]
+                          "--seed", str(a["benchmark_seed"]), "--ensure"], {}),
+           ("pre-train", main_cmd("pre_train", _flags(c, a["pre"])), srcs["pre"])]
     for shot in a["shots"]:
         s = {"shot": shot}
         test = _flags(c, a["meta"], a["test"], s)
-        out.append((f"{shot}-shot row 1 FT", main_cmd("meta_eval", test + ["--eval_weights", pre_ckpt])))
+        tsrc = {**srcs["meta"], **srcs["test"], "--shot": ("ABLATION", "shots")}
+        out.append((f"{shot}-shot row 1 FT", main_cmd("meta_eval", test + ["--eval_weights", pre_ckpt]), tsrc))
         out.append((f"{shot}-shot row 2 nearest mean", main_cmd("meta_eval", test + ["--eval_weights", pre_ckpt,
-                                                                                     "--eval_classifier", "centroid"])))
-        rows = [("row 3 MTL", {"init_weights": pre_ckpt}), ("row 4 MTL+HT", {"init_weights": pre_ckpt, **a["ht"]})]
+                                                                                     "--eval_classifier", "centroid"]),
+                    tsrc))
+        rows = [("row 3 MTL", {"init_weights": pre_ckpt}, {}),
+                ("row 4 MTL+HT", {"init_weights": pre_ckpt, **a["ht"]}, srcs["ht"])]
         if a["scratch_row"]:
-            rows.append(("row 5 MTL scratch", a["scratch"]))
-        for name, extra in rows:
-            out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s))))
-            out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s))))
+            rows.append(("row 5 MTL scratch", a["scratch"], srcs["scratch"]))
+        for name, extra, xsrc in rows:
+            msrc = {**srcs["meta"], **xsrc, "--shot": ("ABLATION", "shots")}
+            out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s)), msrc))
+            out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s)),
+                        {**msrc, **srcs["test"]}))
     out.append(("report", [sys.executable, "-m", "tools.report", "--log_root", a["log_root"], "--dataset",
                            c["dataset"], "--backbone", c["backbone"], "--way", str(c["way"]), "--shots",
                            *[str(s) for s in a["shots"]], "--label", a["meta"]["meta_label"], "--scratch_label",
-                           a["scratch"]["meta_label"], "--out", a["report_dir"]]))
+                           a["scratch"]["meta_label"], "--out", a["report_dir"]], {}))
     return out
+
+
+def ablation_commands(smoke: bool = False) -> list[tuple[str, list[str]]]:
+    """ABLATION: ensure the benchmark, pre-train once, then per shot: test rows 1-2 on the pre-trained backbone,
+    meta-train and test rows 3 (MTL), 4 (MTL + HT) and 5 (MTL from scratch); the report comes last."""
+    return [(name, cmd) for name, cmd, _ in _ablation(smoke)]
 
 
 def ablation(dry: bool, smoke: bool = False) -> None:
     """Run the ablation's commands in order (each printed first), time them into
     ``<log_root>/ablation_timing.json`` (the report records it), then the report."""
     import time
-    cmds = ablation_commands(smoke)
+    cmds = _ablation(smoke)
     root = ablation_settings(smoke)["log_root"]
     t_start, steps = time.perf_counter(), []
-    for name, cmd in cmds:
+    for name, cmd, src in cmds:
         if name == "report" and not dry:
             os.makedirs(root, exist_ok=True)
             with open(os.path.join(root, "ablation_timing.json"), "w") as fh:
                 json.dump({"wall_s": round(time.perf_counter() - t_start, 1), "cpu_count": os.cpu_count(),
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "steps": steps}, fh, indent=1)
         t0 = time.perf_counter()
-        run(cmd, dry)
+        run(cmd, dry, src)
         steps.append({"step": name, "seconds": round(time.perf_counter() - t0, 1)})
         if not dry:
             print(f"[ABLATION] {name}: {steps[-1]['seconds']:.0f} s (total {time.perf_counter() - t_start:.0f} s)",
@@ -403,10 +851,16 @@ def cli(argv: list[str]) -> None:
         if i + 1 >= len(opts) or opts[i + 1] not in ("paper", "pytorch"):
             usage("--recipe takes paper or pytorch")
         recipe = opts[i + 1]
+    smoke = "--smoke" in opts
+    try:
+        check_constants(mode, recipe, smoke)  # before any command runs or is printed
+    except ConstantError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if mode == "DEMO":
-        demo(dry, smoke="--smoke" in opts)
+        demo(dry, smoke=smoke)
     elif mode == "ABLATION":
-        ablation(dry, smoke="--smoke" in opts)
+        ablation(dry, smoke=smoke)
     elif mode == "BENCH":
         cmd = [sys.executable, "-m", "tools.benchmark", "--out", os.path.join(LOG_DIR, "bench")]
         if "--full" in opts:
@@ -415,8 +869,8 @@ def cli(argv: list[str]) -> None:
     else:
         if mode in ("META_LOAD", "TEST_LOAD") and not dry:
             check_download(mode)
-        for cmd in commands(mode, recipe):
-            run(cmd, dry)
+        for cmd, src in _commands(mode, recipe):
+            run(cmd, dry, src)
 
 
 if __name__ == "__main__":

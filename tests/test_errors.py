@@ -30,7 +30,7 @@ from tests.tf_files import SLIM, official_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ERRORS.md"
-SUBPROCESS = ("E01", "E11", "E16", "E43", "E71", "E72", "E80")
+SUBPROCESS = ("E01", "E11", "E16", "E43", "E71", "E72", "E80", "E110")
 
 COMMON = ["--dataset", "custom", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper",
           "--num_val_episodes", "10", "--num_test_episodes", "10", "--seed", "1", "--quiet", "--device", "cpu",
@@ -235,6 +235,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return DATA_CASES[cid](c, monkeypatch)
     if cid in TF_ROWS:
         return tf_case_argv(cid, c, monkeypatch)
+    if cid in SEED_ROWS:
+        return seed_case_argv(cid, c, monkeypatch)
     raise KeyError(cid)
 
 
@@ -824,15 +826,149 @@ def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
     raise KeyError(cid)
 
 
-# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run faults)
+# ------------------------------------------------------------------ issue 20 (Part SEED): flags (E110-E126)
+# Each flag's range at parse time (E110-E117), flags that conflict (E118-E123), messages that pointed the wrong way
+# (E124-E126). E127-E129 are run_experiment.py's constants: run by tests/test_run_experiment.py test_catalogue_row.
+SEED_ROWS = [f"E{i}" for i in range(110, 127)]
+RUN_EXPERIMENT_ROWS = ("E127", "E128", "E129")
+
+
+def seed_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
+    pre_ck, meta_ck = str(c.logs / PRE_DIR / "max_acc.pth"), str(c.logs / META_DIR / "max_acc.pth")
+    return {
+        "E110": lambda: c.argv(*PRE, "--seed", "-1"),
+        "E111": lambda: c.argv(*PRE, "--gpu", "-1"),
+        "E112": lambda: c.argv(*META, "--base_lr", "nan"),
+        "E113": lambda: c.argv(*PRE, "--pre_lr", "1e308"),
+        "E114": lambda: c.argv(*PRE, "--pre_custom_weight_decay", "-1"),
+        "E115": lambda: c.argv(*META, "--dist_timeout", "inf"),
+        "E116": lambda: c.argv(*META, "--num_batch", str(2**64)),
+        "E117": lambda: COMMON + PRE + ["--dataset_dir", c.npz, "--log_root", ""],
+        "E118": lambda: c.argv(*PRE, "--resume", "--overwrite"),
+        "E119": lambda: c.argv(*META, "--first_order", "--second_order"),
+        "E120": lambda: c.argv(*META, "--meta_label", "ht", "--ht_hard_tasks", "2"),
+        "E121": lambda: c.argv(*META, "--meta_label", "two", "--init_weights", pre_ck, "--pre_init_epoch", "1"),
+        "E122": lambda: c.argv(*META, "--meta_label", "ev", "--eval_weights", meta_ck),
+        "E123": lambda: c.argv(*META, "--meta_label", "floor", "--meta_lr1", "0.0001", "--meta_lr_min", "0.01"),
+        "E124": lambda: c.argv(*EVAL, "--eval_weights", str(c.logs / META_DIR / "max_ac.pth")),
+        "E125": lambda: c.argv(*EVAL, "--eval_weights", str(c.logs / META_DIR)),
+        "E126": lambda: c.argv(*META, "--meta_label", "snap", "--pre_init_epoch", "1"),
+    }[cid]()
+
+
+def _one_line(rc: int, err: str, *names: str) -> str:
+    """The refusal of a flag: exit 2, one ``error:`` line naming each of ``names``, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    assert all(n in lines[0] for n in names), (names, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("phase", [PRE, META, EVAL], ids=["pre", "meta", "eval"])
+@pytest.mark.parametrize("flag,value", [
+    ("--seed", str(2**32)), ("--eval_seed", "-1"), ("--eval_seed", str(2**64)), ("--gpu", "0,x"), ("--gpu", "cpu"),
+    ("--meta_lr1", "inf"), ("--gamma", "nan"), ("--pre_val_base_lr", "-inf"), ("--pre_custom_momentum", "0"),
+    ("--pre_custom_momentum", "1"), ("--meta_lr_min", "-1"), ("--dist_timeout", "0.5"), ("--image_size", "5000"),
+    ("--num_val_episodes", str(2**63)), ("--num_workers", "-1"), ("--eval_batch_size", "0"), ("--cache_dir", ""),
+    ("--meta_label", "a/b"), ("--pre_label", ".."), ("--shot", "1.5"), ("--test_query", "0")])
+def test_every_edge_value_of_a_flag_is_one_line(flag, value, phase, world, tmp_path, capsys):
+    """Edge values (negative, zero, inf, nan, past int64 / float32 / the seed range, empty, not a name) of the
+    flags of utils/options.py, in every phase: one line naming the flag (they were tracebacks or silent)."""
+    c = Case(world, tmp_path)
+    before = tree_hashes(c.logs)
+    rc, err = run_cli(c.argv(*phase, f"{flag}={value}"), capsys)  # (= so that -inf is read as a value)
+    _one_line(rc, err, f"argument {flag}: must be")
+    assert tree_hashes(c.logs) == before
+
+
+def test_seed_bounds_are_accepted(world, tmp_path, capsys):
+    """The ends of the seed range run (0 = draw one; 2**32 - 1 the largest): the range is not narrower than said."""
+    c = Case(world, tmp_path)
+    for seed in ("0", str(2**32 - 1)):
+        rc, err = run_cli(c.argv(*EVAL, "--seed", seed, "--eval_seed", seed, "--num_test_episodes", "2"), capsys)
+        assert rc == 0, err
+
+
+def test_an_empty_weights_folder_says_weights_npy_is_missing_not_bn_mode(world, tmp_path, capsys):
+    """The files are checked before --bn_mode (the message pointed at --bn_mode tf, which then fails the same way)."""
+    c = Case(world, tmp_path)
+    (c.tmp / "dl").mkdir()
+    for argv in (c.argv(*META, "--meta_label", "x", "--init_weights", str(c.tmp / "dl")),
+                 c.argv(*EVAL, "--eval_weights", str(c.tmp / "dl"))):
+        line = _one_line(*run_cli(argv, capsys), f"no weights.npy in {c.tmp / 'dl'}")
+        assert "bn_mode" not in line
+
+
+def test_a_missing_init_weights_file_is_named_with_what_its_folder_holds(world, tmp_path, capsys):
+    c = Case(world, tmp_path)
+    gone = c.logs / PRE_DIR / "epoch3.pth"
+    line = _one_line(*run_cli(c.argv(*META, "--meta_label", "x", "--init_weights", str(gone)), capsys),
+                     f"--init_weights {gone}: no such file; {gone.parent} holds ", "max_acc.pth")
+    assert "run --phase pre_train" not in line and "or pass --init_weights" not in line
+    line = _one_line(*run_cli(c.argv(*EVAL, "--eval_weights", str(c.tmp / "no" / "x.pth")), capsys),
+                     "no such file (the folder", "does not exist either)")
+    assert "run --phase meta_train" not in line
+
+
+@pytest.mark.parametrize("flag,phase", [("--pre_train_dir", PRE), ("--meta_val_dir", META), ("--meta_test_dir", EVAL)])
+def test_a_missing_split_folder_names_the_flag_that_gave_it(flag, phase, world, tmp_path, capsys):
+    """E01 said "set --dataset_dir" also when the folder came from --pre_train_dir & co. (not read then)."""
+    c = Case(world, tmp_path)
+    line = _one_line(*run_cli(c.argv(*phase, flag, str(c.tmp / "nowhere")), capsys),
+                     f"dataset folder not found: {c.tmp / 'nowhere'} ", f"; set {flag}, or try")
+    assert "--dataset_dir" not in line
+
+
+def test_tf_weights_for_another_backbone_without_bn_mode_name_both_flags(world, tmp_path, capsys):
+    c = Case(world, tmp_path)
+    official_files(str(c.tmp / "dl"), widths=SLIM)
+    _one_line(*run_cli(c.argv(*EVAL, "--eval_weights", str(c.tmp / "dl")), capsys),
+              "use --backbone resnet12", "not conv4, and pass --bn_mode tf")
+
+
+def test_init_weights_at_pre_train_is_refused(world, tmp_path, capsys):
+    c = Case(world, tmp_path)
+    _one_line(*run_cli(c.argv(*PRE, "--pre_label", "x", "--init_weights", "scratch"), capsys),
+              "--init_weights scratch is where --phase meta_train starts; pre_train always")
+
+
+def test_the_abbreviated_flags_conflict_too(world, tmp_path, capsys):
+    """argparse accepts unambiguous prefixes: --first --second is the same conflict as E119."""
+    c = Case(world, tmp_path)
+    _one_line(*run_cli(c.argv(*META, "--first", "--second"), capsys), "--first_order and --second_order contradict")
+
+
+@pytest.mark.parametrize("case", ["init_weights_at_eval", "ht_after_last_epoch", "stop_after_last_epoch"])
+def test_useless_flags_warn_in_one_line_and_the_run_goes_on(case, world, tmp_path, capsys):
+    """Merely useless flags are a one-line warning (stdout), not an error: the command does what it would without
+    them (exit 0)."""
+    c = Case(world, tmp_path)
+    argv, expect = {
+        "init_weights_at_eval": (c.argv(*EVAL, "--init_weights", str(c.logs / PRE_DIR / "max_acc.pth")),
+                                 f"note: --init_weights is read by meta_train only; meta_eval tests "
+                                 f"{c.logs / META_DIR / 'max_acc.pth'} (pass --eval_weights"),
+        "ht_after_last_epoch": (c.argv(*META, "--meta_label", "ht", "--hard_task", "--ht_start_epoch", "3"),
+                                "warning: --ht_start_epoch 3 is after the last epoch (--max_epoch 1): no hard task"),
+        "stop_after_last_epoch": (c.argv(*META, "--meta_label", "st", "--stop_after_epoch", "5"),
+                                  "warning: --stop_after_epoch 5 is after the last epoch (1)"),
+    }[case]
+    capsys.readouterr()
+    assert main.cli(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    notes = [ln for ln in out if ln.startswith(("warning", "note"))]
+    assert len(notes) == 1 and notes[0].startswith(expect), out
+
+
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run
+# faults), E110-E126 (flags; E127-E129 run_experiment)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES))
+         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS)
 
 
 def test_every_row_of_the_catalogue_has_a_case():
     rows = doc_rows()
     assert len(rows) >= 15
-    assert sorted(rows) == sorted(CASES)  # (string order: E100 sorts before E11)
+    assert sorted(rows) == sorted(CASES + list(RUN_EXPERIMENT_ROWS))  # (string order: E100 before E11)
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:

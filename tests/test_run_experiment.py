@@ -1,12 +1,19 @@
-"""run_experiment.py: every seed constant reaches main.py; modes; the no-data message."""
+"""run_experiment.py: every seed constant reaches main.py; modes; the no-data message; every constant is checked
+(type, range, relations, main.py's checks) before any command runs, naming the constant and its line."""
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import run_experiment as rx
+from tests.test_errors import RUN_EXPERIMENT_ROWS, check_output
 from utils.options import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parsed(mode="META", recipe="paper", index=0):
@@ -118,7 +125,7 @@ def test_paper_recipe_is_the_default_and_uses_resnet12():
 
 def test_iteration_constants_must_divide(monkeypatch):
     monkeypatch.setattr(rx, "MAX_MAX_ITER", 1234)
-    with pytest.raises(SystemExit, match="MAX_MAX_ITER"):
+    with pytest.raises(rx.ConstantError, match=r"MAX_MAX_ITER = 1234 is not a multiple of SAVE_STEP = 100"):
         rx.commands("META")
 
 
@@ -137,8 +144,11 @@ def test_pre_without_data_is_one_clear_message(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: dataset folder not found: ./data/mini-imagenet/train")
+    assert len(err) == 2 and err[0].startswith("error: dataset folder not found: ./data/mini-imagenet/train")
     assert "<root>/{train,val,test}/<class>/<image>" in err[0] and "DEMO" in err[0]
+    # the flag that named the folder (not --dataset_dir, which this command does not pass), and the constant behind it
+    assert "set --pre_train_dir," in err[0]
+    assert err[1] == f"note: in run_experiment.py, --pre_train_dir is PRE_TRA_DIR (line {_line('PRE_TRA_DIR')})"
     assert p.stdout.startswith("$ ")  # the command is printed before it runs
 
 
@@ -184,3 +194,231 @@ def test_several_gpus_launch_through_torchrun(monkeypatch, capsys):
     monkeypatch.setattr(rx, "DEVICE", "cuda")
     monkeypatch.setattr(rx, "GPU_ID", "0")
     assert rx.commands("PRE")[0][1] == rx.script("main.py")
+
+
+
+# ------------------------------------------------------------------ issue 20: the check of the constants
+def line_of(text: str, name: str, key: str | None = None) -> int:
+    """The line that sets the constant ``name`` (``NAME = `` at the start of a line), or its entry ``key``
+    (``"key":`` before the next constant; the constant's own line if it has none), found by text."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{name} = "))
+    if key is None:
+        return start + 1
+    for i in range(start, len(lines)):
+        if i > start and re.match(r"^[A-Z_]+ = ", lines[i]):
+            break
+        if f'"{key}":' in lines[i]:
+            return i + 1
+    return start + 1
+
+
+def run_edited_copy(tmp_path: Path, old: str, new: str, *argv: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``python run_experiment.py ARGV`` from a copy in ``tmp_path`` with ``old`` replaced by ``new`` and three comment
+    lines put above it (so that its line differs from the real file's: the check must read the file it runs)."""
+    text = (ROOT / "run_experiment.py").read_text()
+    assert text.count(old) == 1, old
+    text = text.replace(old, "# shifted\n# by\n# three lines\n" + new)
+    (tmp_path / "run_experiment.py").write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "run_experiment.py", *argv], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    return p, text
+
+
+def assert_refused(p: subprocess.CompletedProcess, tmp_path: Path, text: str, name: str, *parts: str) -> str:
+    """Exit 2, one line naming ``name`` at its line in the edited copy, nothing printed on stdout (no command shown
+    or run) and nothing written next to the copy."""
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(err) == 1, p.stderr
+    const, _, key = name.partition("[")
+    assert err[0].startswith(f"error: run_experiment.py line {line_of(text, const, key.strip(chr(39) + ']') or None)}"
+                             f": {name}"), err[0]
+    assert all(x in err[0] for x in parts), (parts, err[0])
+    assert p.stdout == "" and sorted(os.listdir(tmp_path)) == ["run_experiment.py"]
+    return err[0]
+
+
+CATALOGUE = {  # row -> (the line of run_experiment.py, its edit, the constant named)
+    "E127": ("PRE_TRA_ITER_MAX = 20000 ", 'PRE_TRA_ITER_MAX = "20000" ', "PRE_TRA_ITER_MAX"),
+    "E128": ("SHOT_NUM = 1 ", "SHOT_NUM = 0 ", "SHOT_NUM"),
+    "E129": ("IMAGE_SIZE = 84 ", "IMAGE_SIZE = 8 ", "IMAGE_SIZE"),
+}
+
+
+@pytest.mark.parametrize("cid", RUN_EXPERIMENT_ROWS)
+def test_catalogue_row(cid, tmp_path):
+    """The run_experiment.py rows of docs/ERRORS.md: the message, exit code and one line (tests/test_errors.py
+    check_output), from an edited copy run as a script; no command was printed or run."""
+    old, new, name = CATALOGUE[cid]
+    p, text = run_edited_copy(tmp_path, old, new, "PRE")
+    check_output(cid, p.returncode, p.stderr)
+    assert_refused(p, tmp_path, text, name)
+
+
+def test_a_string_switch_is_refused_not_emitted(tmp_path):
+    """SECOND_ORDER = "False" (a non-empty str, hence true) was emitted as --second_order; --dry_run prints nothing."""
+    p, text = run_edited_copy(tmp_path, "SECOND_ORDER = True ", 'SECOND_ORDER = "False" ', "META", "--dry_run")
+    assert_refused(p, tmp_path, text, "SECOND_ORDER", "must be True or False (without quotes), not a str")
+
+
+def test_a_dict_entry_is_named_at_its_own_line(tmp_path):
+    p, text = run_edited_copy(tmp_path, '"test_update_step": 100, "base_lr": 0.1,', '"test_update_step": 100,\n'
+                              '    "base_lr": "0.1",', "DEMO", "--dry_run")
+    assert_refused(p, tmp_path, text, "DEMO['base_lr']", "DEMO['base_lr'] = '0.1' must be a number (a number")
+
+
+def _line(name: str, key: str | None = None) -> int:
+    return line_of((ROOT / "run_experiment.py").read_text(), name, key)
+
+
+# (constant or (dict, key), wrong value, mode, what the line must say after "NAME = value")
+WRONG = [
+    ("SHOT_NUM", True, "PRE", "must be an int, not a bool (True and False are not numbers here)"),
+    ("WAY_NUM", 5.0, "PRE", "must be an int, not a float"),
+    ("WAY_NUM", 1, "PRE", ": main.py refuses it: --way 1: a few-shot task needs at least 2 classes"),
+    ("PRE_LR", float("nan"), "PRE", "must be a finite number > 0 (it sets main.py --pre_lr)"),
+    ("BASE_LR", "0.001", "TEST", "must be a number (a number without quotes), not a str"),
+    ("PRE_TRA_DROP", 1.5, "PRE", "must be a number in (0, 1] (it sets main.py --pre_dropout_keep)"),
+    ("GPU_ID", "-1", "PRE", 'must be GPU indices separated by commas (0 or 0,1) or GPU-/MIG- UUIDs (it sets main.py '
+                            '--gpu; to run on the CPU: DEVICE = "cpu")'),
+    ("DEVICE", "gpu", "META", "must be one of auto, cpu, cuda (it sets main.py --device)"),
+    ("NET_ARCH", "resnet13", "PRE", "must be one of resnet12, "),
+    ("LOG_DIR", None, "DEMO", "must be a str (text in quotes), not None"),
+    ("PRE_TRA_LABEL", "a/b", "PRE", "must be a label without / or \\"),
+    ("HARD_TASK", 1, "META", "must be True or False (without quotes), not an int"),
+    ("TF_FLAGS", ["--bn_mode", 1], "PRE", "must be a list of str (main.py flags and their values); item 1 is an int"),
+    ("META_WEIGHTS_FILE", "meta_{shots}.pth", "TEST_LOAD", "must be a file name in which {{shot}} stands for SHOT_NUM"),
+    ("META_LR_MIN", 0.01, "META", "(with META_LR = 0.001, line {META_LR}): main.py refuses it: --meta_lr_min 0.01 is "
+                                  "above --meta_lr1 0.001"),
+    ("MAX_MAX_ITER", 20050, "META", "is not a multiple of SAVE_STEP = 100 (line {SAVE_STEP}): main.py counts"),
+    (("DEMO_SMOKE", "pre_max_epoch"), 0, "DEMO --smoke",
+     "must be a positive integer (it sets main.py --pre_max_epoch)"),
+    (("ABLATION", "benchmark_seed"), -1, "ABLATION", "must be an integer in [0, 4294967295]"),
+    (("DEMO", "bse_lr"), 0.1, "DEMO", "DEMO['bse_lr']: 'bse_lr' is not a main.py flag"),
+]
+
+
+@pytest.mark.parametrize("key,value,mode,says", WRONG,
+                         ids=[f"{'-'.join(k) if isinstance(k, tuple) else k}={v!r}" for k, v, _, _ in WRONG])
+def test_a_wrong_constant_stops_before_any_command(key, value, mode, says, monkeypatch, tmp_path, capsys):
+    """One line: the constant, its line in run_experiment.py, its value and what it must be; exit 2; no command
+    printed, started (subprocess.Popen would fail the test) or file written (the working folder stays empty)."""
+    if isinstance(key, tuple):
+        monkeypatch.setattr(rx, key[0], {**getattr(rx, key[0]), key[1]: value})
+        shown, line = f"{key[0]}[{key[1]!r}]", _line(*key)
+    else:
+        monkeypatch.setattr(rx, key, value)
+        shown, line = key, _line(key)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a command was started"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        rx.cli(mode.split())
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and out == "", (out, err)
+    assert lines[0].startswith(f"error: run_experiment.py line {line}: {shown}"), lines[0]
+    assert says.format(**{n: _line(n) for n in ("META_LR", "SAVE_STEP")}) in lines[0], lines[0]
+    assert f"{shown} = {value!r}" in lines[0] or f"{shown}: " in lines[0], lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_and_overwrite_together_are_refused(monkeypatch, capsys):
+    """RESUME wins silently today's way (OVERWRITE ignored); both True is now a contradiction naming both lines."""
+    monkeypatch.setattr(rx, "RESUME", True)
+    monkeypatch.setattr(rx, "OVERWRITE", True)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a command was started"))
+    with pytest.raises(SystemExit) as e:
+        rx.cli(["PRE", "--dry_run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (
+        f"error: run_experiment.py line {_line('RESUME')}: RESUME = True and OVERWRITE = True (line "
+        f"{_line('OVERWRITE')}) contradict each other: RESUME continues the runs in their folders, OVERWRITE moves "
+        "them aside and starts afresh; set one of them to False")
+
+
+def test_friendly_forms_are_accepted(monkeypatch):
+    """An int where a float is needed, and GPU_ID = 0 for "0", are not errors."""
+    monkeypatch.setattr(rx, "PRE_LR", 1)
+    monkeypatch.setattr(rx, "GPU_ID", 0)
+    rx.check_constants("PRE")
+    a = parsed("PRE")
+    assert a.pre_lr == 1.0 and a.gpu == "0"
+
+
+def test_every_mode_passes_the_check_with_the_shipped_constants():
+    for mode in rx.MODES:
+        for smoke in (False, True):
+            rx.check_constants(mode, "paper", smoke)
+        rx.check_constants(mode, "pytorch")
+
+
+def test_meta_load_does_not_pass_a_second_starting_checkpoint(monkeypatch, tmp_path):
+    """META_LOAD starts from the downloaded weights: PRE_ITER's --pre_init_epoch (E121 with --init_weights) is left
+    out of its meta-train command, and main.py's checks accept every command of the mode."""
+    monkeypatch.setattr(rx, "DOWNLOAD_DIR", str(tmp_path))
+    train, _ = rx.commands("META_LOAD")
+    assert "--init_weights" in train and "--pre_init_epoch" not in train
+    rx.check_commands("META_LOAD", "paper", False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_later_main_py_error_names_the_constant_behind_its_flag(monkeypatch, tmp_path, capfd):
+    """main.py's own line (DEVICE = "cuda" on a machine without a GPU fails in main.py, not in the check), then one
+    note naming the constant that set the flag it names."""
+    monkeypatch.setattr(rx, "DEVICE", "cuda")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        rx.cli(["PRE"])
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 2 and "Traceback" not in "".join(err), err
+    assert err[0].startswith("error: --device cuda was requested but no CUDA GPU is available")
+    assert err[1] == f"note: in run_experiment.py, --device is DEVICE (line {_line('DEVICE')})"
+
+
+def test_ctrl_c_reaches_main_py_which_says_how_to_continue(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during a command: main.py stops with its own line and exit
+    130; run_experiment.py waits for it and exits with its status, without a traceback of its own (it used to raise
+    KeyboardInterrupt and kill main.py after 0.25 s)."""
+    import signal
+    import time
+    code = ("import run_experiment as rx, sys; rx.DEVICE = 'cpu'; "
+            f"rx.DEMO_SMOKE = dict(rx.DEMO_SMOKE, log_root={str(tmp_path / 'logs')!r}, pre_max_epoch=50); "
+            "rx.cli(['DEMO', '--smoke'])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not p.stdout.readline().startswith("phase pre_train") and time.time() < deadline:  # main.py's header:
+        pass                                                                                 # its handlers are set
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher and main.py both get it
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3 and lines[0].startswith("interrupted"), err
+
+
+def test_sigterm_to_the_launcher_alone_reaches_main_py(tmp_path):
+    """A scheduler (Kubernetes, kill) may signal run_experiment.py alone: it passes SIGTERM on to main.py, waits for
+    it and exits as it did (143 = 128 + SIGTERM), without a traceback of its own (it used to die at once and leave
+    main.py running)."""
+    import signal
+    import time
+    code = ("import run_experiment as rx, sys; rx.DEVICE = 'cpu'; "
+            f"rx.DEMO_SMOKE = dict(rx.DEMO_SMOKE, log_root={str(tmp_path / 'logs')!r}, pre_max_epoch=50); "
+            "rx.cli(['DEMO', '--smoke'])")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not p.stdout.readline().startswith("phase pre_train") and time.time() < deadline:
+        pass
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)  # the launcher only
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, err[-3000:])
+    assert "Traceback" not in err, err

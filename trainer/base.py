@@ -61,6 +61,8 @@ def ensure_writable(path: str) -> None:
 
 
 SPLIT_OF_ROLE = {"pre_train": "train", "meta_train": "train", "val": "val", "test": "test"}
+DIR_FLAG_OF_ROLE = {"pre_train": "pre_train_dir", "meta_train": "meta_train_dir", "val": "meta_val_dir",
+                    "test": "meta_test_dir"}
 
 
 class DataBundle:
@@ -95,9 +97,11 @@ class DataBundle:
         root, sep, _ = spec.rpartition("#")
         benchmark_files = bool(sep) and os.path.isdir(root)  # a spec of data_generator/formats.py
         if not spec.split("#")[0].endswith(".npz") and not benchmark_files and not os.path.isdir(spec):
+            own = DIR_FLAG_OF_ROLE[role]  # the flag that named the folder (the message must name that one)
+            flag = f"--{own}" if getattr(self.settings, own) else "--dataset_dir"
             raise UserError(
                 f"dataset folder not found: {spec} (expected <root>/{{train,val,test}}/<class>/<image>; set "
-                f"--dataset_dir, or try the embedded data: python run_experiment.py DEMO)")
+                f"{flag}, or try the embedded data: python run_experiment.py DEMO)")
 
         def load() -> ImageSet:
             s = load_split(spec, self.eval_transform.stored_size, self.cache_dir, self.settings.num_workers)

@@ -27,7 +27,7 @@ from data_generator.meta_data_generator import CategoriesSampler, Task, by_class
 from models.bn_mode import apply_bn_mode
 from models.mtl import MetaLearner
 from models.resnet_mtl import build_backbone
-from models.tf_weights import TFWeights, is_tf_weights, read_tf_weights
+from models.tf_weights import TFWeights, is_tf_weights, read_tf_weights, resnet12_widths, tf_folder
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
 from trainer.evaluate import evaluate, init_head
 from trainer.hard_tasks import HardTaskPlanner
@@ -56,11 +56,50 @@ def check_backbone(ck: dict, backbone: str, path: str, bn_mode: str = "pytorch")
 
 
 def read_tf(path: str, encoder: torch.nn.Module, bn_mode: str, parts: str) -> TFWeights:
-    """TF ``.npy`` weights (:func:`models.tf_weights.read_tf_weights`); they need the TF BatchNorm."""
+    """TF ``.npy`` weights (:func:`models.tf_weights.read_tf_weights`); they need a ResNet-12 and the TF BatchNorm.
+
+    The files are checked first (a folder without ``weights.npy`` says so, not "pass --bn_mode tf"), then the
+    backbone and the BatchNorm mode together, so that one message names every flag to change."""
+    tf_folder(path)
+    try:
+        resnet12_widths(encoder, path)
+    except UserError as e:
+        if bn_mode == "tf":
+            raise
+        raise UserError(f"{e}, and pass --bn_mode tf (the TF code's BatchNorm)") from None
     if bn_mode != "tf":
         raise UserError(f"{path}: TensorFlow weights need --bn_mode tf (the TF code's BatchNorm: batch statistics "
                         "at train and test, no scale or shift); pass --bn_mode tf")
     return read_tf_weights(path, encoder, parts)
+
+
+def _listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_weights_path(path: str, flag: str) -> None:
+    """A one-line error, before any data is loaded, when the checkpoint named by ``flag`` (``--init_weights``,
+    ``--eval_weights``) is not there: the path itself is named (never "run the phase first" for a file the user
+    gave), with the checkpoints its folder does hold. TF weights (a folder or ``.npy``) are checked by
+    :func:`models.tf_weights.tf_folder`; a folder holding ``.pth`` files but no ``weights.npy`` names those files."""
+    if os.path.isdir(path):
+        pths = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+        if pths and not os.path.isfile(os.path.join(path, "weights.npy")):
+            pick = "max_acc.pth" if "max_acc.pth" in pths else pths[0]
+            raise UserError(f"{flag} {path} is a folder without TensorFlow weights.npy; it holds {_listing(pths)}"
+                            f": pass one of them, e.g. {flag} {os.path.join(path, pick)}")
+    if is_tf_weights(path):
+        tf_folder(path)
+        return
+    if os.path.isfile(path):
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: no such file (the folder {folder} does not exist either)")
+    pths = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    near = f"; {folder} holds {_listing(pths)}" if pths else f"; {folder} holds no .pth checkpoint"
+    raise UserError(f"{flag} {path}: no such file{near}")
 
 
 class MetaTrainer(BaseTrainer):
@@ -107,6 +146,8 @@ class MetaTrainer(BaseTrainer):
             print(f"meta-train starts from a randomly initialised {a.backbone} (--init_weights scratch)", flush=True)
             return
         path = a.init_weights or self.settings.paths.pre_checkpoint(a.pre_init_epoch)
+        if a.init_weights:
+            check_weights_path(path, "--init_weights")
         if a.init_weights and is_tf_weights(path):
             # TF folder / weights.npy: meta-training starts from weights.npy (the pre-trained encoder), with fresh SS
             # and base learner, as the TF META_LOAD (tensorflow/trainer/meta.py L82-94); the SS shift starts at the
@@ -116,8 +157,7 @@ class MetaTrainer(BaseTrainer):
             print(f"meta-train starts from {tf.folder}/weights.npy (TensorFlow pre-trained weights)", flush=True)
             return
         if not os.path.isfile(path):
-            raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
-                            "--dataset/--backbone/--pre_label, or pass --init_weights")
+            self.missing_pre_checkpoint(path)
         ck = load_checkpoint(path)
         check_backbone(ck, a.backbone, path, a.bn_mode)
         kind, enc, head = read_weights(ck, path)
@@ -126,6 +166,22 @@ class MetaTrainer(BaseTrainer):
         if kind == "meta":  # continue from meta-trained weights (e.g. META_LOAD with downloaded weights)
             load_strict(self.model.base_learner, head, f"base learner of {path}")
         print(f"meta-train starts from {path} ({kind})", flush=True)
+
+    def missing_pre_checkpoint(self, path: str) -> None:
+        """The pre-train checkpoint meta_train would start from is not there: one line saying which snapshots the
+        pre-train run did keep (``--pre_init_epoch`` naming one it did not), or that there is no pre-train run."""
+        a = self.args
+        folder = os.path.dirname(path)
+        kept = sorted((f for f in os.listdir(folder) if f.startswith("epoch") and f.endswith(".pth")),
+                      key=lambda f: int(f[5:-4]) if f[5:-4].isdigit() else -1) if os.path.isdir(folder) else []
+        if a.pre_init_epoch and (kept or os.path.isfile(os.path.join(folder, "max_acc.pth"))):
+            has = f"it kept {_listing(kept)}" if kept else "it kept none"
+            raise UserError(f"--pre_init_epoch {a.pre_init_epoch}: the pre-train run in {folder} has no "
+                            f"epoch{a.pre_init_epoch}.pth ({has}; pre-train keeps one every --pre_save_every epochs): "
+                            "pass the epoch of one it kept, or --pre_init_epoch 0 for max_acc.pth (the best by "
+                            "validation)")
+        raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
+                        "--dataset/--backbone/--pre_label, or pass --init_weights")
 
     def iterations_per_epoch(self) -> int:
         return self.args.num_batch
@@ -303,7 +359,8 @@ def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: to
         check_finite_weights({f"base_learner.{k}": v for k, v in head.items()}, f"checkpoint {path}")
         w, b = head["weight"].float(), head["bias"].float()
         if w.shape[0] != way:
-            raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}")
+            raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}; pass --way "
+                            f"{w.shape[0]}")
     else:
         w, b = init_head(way, encoder.out_dim, eval_seed)
     return encoder.to(device), w.to(device), b.to(device), kind
@@ -314,7 +371,9 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     ``test accuracy: MEAN ± CI (N episodes, W-way S-shot)`` and writes the results JSON next to the checkpoint."""
     args, ev = settings.args, settings.test
     path = args.eval_weights or settings.paths.meta_checkpoint
-    if not (os.path.isfile(path) or os.path.isdir(path)):
+    if args.eval_weights:
+        check_weights_path(path, "--eval_weights")
+    elif not os.path.isfile(path):
         raise UserError(f"no checkpoint to evaluate at {path}: run --phase meta_train first with the same "
                         "settings, or pass --eval_weights")
     data = DataBundle(settings.data)

@@ -30,6 +30,8 @@ header prints the recipe and why it was chosen, and ``args.json`` stores it (``r
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from typing import Sequence
 
 from models.bn_mode import BN_MODES
@@ -84,48 +86,204 @@ RECIPE_BACKBONE_OVERRIDES: dict[tuple[str, str], dict[str, object]] = {
     ("pytorch", name): {"pre_lr": 0.01} for name in BACKBONES if name.startswith("resnet12")}
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Value types: each checks one flag's range at parse time and carries ``requirement`` (what it accepts, in words),
+# so that argparse's message (``argument --shot: must be a positive integer, got 0``) and run_experiment.py's check
+# of the constant that feeds the flag (``SHOT_NUM = 0 must be a positive integer``) read the same range from one place.
+SEED_MAX = 2**32 - 1
+"""The largest ``--seed`` / ``--eval_seed``: numpy's legacy seed range (``np.random.seed``, which the official code
+seeds), so each seed gives its own numpy, torch and Python streams (a larger one would alias ``seed % 2**32`` in
+numpy); torch and Python accept it, and so do the per-rank streams of torchrun (``seed + rank * 1_000_003``)."""
+DIST_TIMEOUT_RANGE = (1.0, 1e9)
+"""``--dist_timeout`` in seconds: below one second no rendezvous completes; above 1e9 s (31 years: "never")
+Python's ``timedelta`` overflows near 8.6e13 s."""
+
+
+def _requires(requirement: str):
+    """Attach ``requirement`` (the accepted values in words, e.g. ``a positive integer``) to a value type."""
+    def wrap(fn):
+        fn.requirement = requirement
+        return fn
+    return wrap
+
+
+def _refuse(fn, text: str):
+    hint = getattr(fn, "hint", "")
+    return argparse.ArgumentTypeError(f"must be {fn.requirement}, got {text if text.strip() else repr(text)}"
+                                      + (f" ({hint})" if hint else ""))
+
+
+INT_MAX = 2**63 - 1
+"""The largest count any flag takes (int64: what numpy sizes, tqdm totals and torch accept)."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest magnitude a float flag takes: float32's (the parameters, optimizers and inner loop are float32)."""
+
+
+def _int(fn, text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:  # not a whole number ("", "1e3", "2.5", "nan")
+        raise _refuse(fn, text) from None
+    if v > INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_MAX} (2**63 - 1), got {text}")
+    return v
+
+
+def _float(fn, text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise _refuse(fn, text) from None
+    if not math.isfinite(v):  # inf / nan: every float flag is a rate, a factor or a time
+        raise _refuse(fn, text)
+    if abs(v) > FLOAT32_MAX:  # the optimizers and the inner loop compute in float32
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g} (the float32 range), got {text}")
+    return v
+
+
+@_requires("a positive integer")
 def positive_int(text: str) -> int:
-    v = int(text)
+    v = _int(positive_int, text)
     if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise _refuse(positive_int, text)
     return v
 
 
+@_requires("an integer >= 0")
 def nonneg_int(text: str) -> int:
-    v = int(text)
+    v = _int(nonneg_int, text)
     if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise _refuse(nonneg_int, text)
     return v
 
 
+@_requires(f"an integer in [0, {SEED_MAX}]")
+def seed_int(text: str) -> int:
+    """A seed (``--seed``, ``--eval_seed``): ``0 <= v <= SEED_MAX`` (:data:`SEED_MAX`)."""
+    v = _int(seed_int, text)
+    if not 0 <= v <= SEED_MAX:
+        raise _refuse(seed_int, text)
+    return v
+
+
+@_requires("a finite number > 0")
 def positive_float(text: str) -> float:
-    v = float(text)
+    """A learning rate or a factor: finite and > 0 (``nan`` / ``inf`` are refused here; a huge finite value is
+    accepted, and a run it makes diverge stops with the non-finite check of its phase)."""
+    v = _float(positive_float, text)
     if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise _refuse(positive_float, text)
     return v
 
 
+@_requires("a finite number >= 0")
+def nonneg_float(text: str) -> float:
+    v = _float(nonneg_float, text)
+    if v < 0:
+        raise _refuse(nonneg_float, text)
+    return v
+
+
+@_requires("a number in (0, 1)")
+def momentum(text: str) -> float:
+    """SGD momentum: Nesterov (the official optimizer) needs it > 0; at 1 or more the velocity never decays."""
+    v = _float(momentum, text)
+    if not 0 < v < 1:
+        raise _refuse(momentum, text)
+    return v
+
+
+@_requires("a number in (0, 1]")
+def keep_rate(text: str) -> float:
+    v = _float(keep_rate, text)
+    if not 0 < v <= 1:
+        raise _refuse(keep_rate, text)
+    return v
+
+
+@_requires("a number of seconds in [1, 1e9]")
+def timeout_seconds(text: str) -> float:
+    v = _float(timeout_seconds, text)
+    if not DIST_TIMEOUT_RANGE[0] <= v <= DIST_TIMEOUT_RANGE[1]:
+        raise _refuse(timeout_seconds, text)
+    return v
+
+
+@_requires("a positive integer or 'shot'")
 def query_count(text: str) -> int | str:
     """A positive number of queries per class, or ``shot`` (as many as ``--shot``)."""
     if text == "shot":
         return text
     try:
         return positive_int(text)
-    except ValueError:  # not a number (a number <= 0 is positive_int's own error)
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'shot', got {text}")
+    except argparse.ArgumentTypeError:
+        raise _refuse(query_count, text) from None
 
 
-def keep_rate(text: str) -> float:
-    v = float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+@_requires("a path (not empty)")
+def path_text(text: str) -> str:
+    """A file or folder flag: an empty string would silently mean the working folder (or nothing)."""
+    if not text.strip():
+        raise _refuse(path_text, text)
+    return text
+
+
+@_requires("a label without / or \\ (it becomes part of the log folder's name)")
+def label_text(text: str) -> str:
+    """``--pre_label`` / ``--meta_label``: a suffix of one folder name (a path separator would nest the run in
+    other folders; the run's name would then depend on where the label points)."""
+    if "/" in text or "\\" in text or text in (".", ".."):
+        raise _refuse(label_text, text)
+    return text
+
+
+IMAGE_SIZE_MAX = 4096
+"""The largest ``--image_size``: every split is decoded into memory at that size (one 4096-px image is 50 MB)."""
+
+
+@_requires(f"a positive integer of pixels, at most {IMAGE_SIZE_MAX}")
+def image_px(text: str) -> int:
+    v = _int(image_px, text)
+    if not 0 < v <= IMAGE_SIZE_MAX:
+        raise _refuse(image_px, text)
     return v
+
+
+@_requires("GPU indices separated by commas (0 or 0,1) or GPU-/MIG- UUIDs")
+def gpu_list(text: str) -> str:
+    """``--gpu``: what ``CUDA_VISIBLE_DEVICES`` accepts as a list of devices: indices or ``GPU-``/``MIG-`` UUIDs.
+    (CUDA stops reading the variable at the first entry it cannot parse and hides every GPU after it, so ``-1``,
+    ``cpu`` or a typo would silently move the run to the CPU.)"""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip():
+        return ""  # as the default: CUDA_VISIBLE_DEVICES is left as it is (utils.gpu_tools.set_gpu)
+    if not all(p.isdigit() or p.startswith(("GPU-", "MIG-")) for p in parts):
+        raise _refuse(gpu_list, text)
+    return ",".join(parts)
+
+
+gpu_list.hint = "to run on the CPU: --device cpu"  # type: ignore[attr-defined]
+
+
+# Flags that cannot be given together (argparse mutually exclusive groups) and why, for the one-line refusal.
+EXCLUSIVE: dict[frozenset[str], str] = {
+    frozenset({"--resume", "--overwrite"}): "--resume continues the run in its log folder, --overwrite moves that run "
+                                            "aside and starts afresh; give one of them",
+    frozenset({"--second_order", "--first_order"}): "both set one switch (differentiate through the inner loop or "
+                                                    "not); give one of them",
+}
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (``error: ...``) and exits 2, like every other error."""
 
     def error(self, message: str):  # type: ignore[override]
+        pair = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
+        why = EXCLUSIVE.get(frozenset(pair.groups())) if pair else None
+        if why:
+            self.exit(2, f"error: {pair.group(2)} and {pair.group(1)} contradict each other: {why}\n")
         self.exit(2, f"error: {message} (see python main.py --help)\n")
 
 
@@ -160,9 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="dataset name (log folder names) and preset: the benchmark to read where --dataset_dir holds several "
            "(FC100 or CIFAR-FS from cifar-100-python); printed in the run header")
     a("--phase", default="meta_train", choices=PHASES)
-    a("--seed", type=int, default=0, help="0 = draw a random seed (printed and stored); N = fully seeded run")
-    flex(a("--gpu", default=None, help="CUDA_VISIBLE_DEVICES to set (default: leave it alone)"))
-    a("--dataset_dir", default="./data/mini/",
+    a("--seed", type=seed_int, default=0,
+      help=f"0 = draw a random seed (printed and stored); N in 1..{SEED_MAX} = fully seeded run")
+    flex(a("--gpu", type=gpu_list, default=None,
+           help="CUDA_VISIBLE_DEVICES to set: GPU indices (0 or 0,1) or UUIDs (default, or empty: leave it alone)"))
+    a("--dataset_dir", type=path_text, default="./data/mini/",
       help="root with train/ val/ test/ class folders, a .npz pack (e.g. data/glyphs100.npz), or the benchmark "
            "files of MetaOptNet/RFS, learn2learn, tieredImageNet, Ravi csv or cifar-100-python (detected; "
            "docs/DATA.md)")
@@ -178,17 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--update_step", type=positive_int, default=50, help="inner-loop steps in meta-train and validation")
     a("--step_size", type=positive_int, default=10, help="meta lr decays every step_size epochs")
     a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
-    a("--init_weights", default=None,
+    a("--init_weights", type=path_text, default=None,
       help="pre-trained encoder checkpoint for meta_train ('scratch': a random backbone, the no-pre-training ablation)")
-    flex(a("--eval_weights", default=None, help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
-    a("--meta_label", default="exp1", help="suffix of the meta-train log folder")
+    flex(a("--eval_weights", type=path_text, default=None,
+           help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
+    a("--meta_label", type=label_text, default="exp1", help="suffix of the meta-train log folder")
     flex(a("--pre_max_epoch", type=positive_int, default=100))
     a("--pre_batch_size", type=positive_int, default=128)
     a("--pre_lr", type=positive_float, default=0.1)
     a("--pre_gamma", type=positive_float, default=0.2)
     a("--pre_step_size", type=positive_int, default=30, help="pre-train lr decays every pre_step_size epochs")
-    a("--pre_custom_momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    a("--pre_custom_weight_decay", type=float, default=5e-4)
+    a("--pre_custom_momentum", type=momentum, default=0.9, help="SGD (Nesterov) momentum")
+    a("--pre_custom_weight_decay", type=nonneg_float, default=5e-4)
 
     g = p.add_argument_group("model and data")
     a = g.add_argument
@@ -199,18 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
            "backbones pre-train at --pre_lr 0.01 (their unnormalised shortcuts diverge at 0.1)"))
     a("--backbone", default="resnet25", choices=list(BACKBONE_RECIPE),
       help="encoder (default: the recipe's; resnet25 = official PyTorch, resnet12 = paper / TF)")
-    a("--image_size", type=positive_int, default=80, help="network input size in pixels")
+    a("--image_size", type=image_px, default=80, help="network input size in pixels")
     a("--preprocess", default="pytorch", choices=["pytorch", "paper"],
       help="pytorch: resize to 92/80 of the size, centre crop, CIFAR mean/std; paper: /255 only")
     a("--bn_mode", default="pytorch", choices=list(BN_MODES),
       help="BatchNorm in every phase. pytorch: learned scale/shift, running statistics at test time; tf: the official "
            "TF code's (no scale, shift 0, eps 1e-3, batch statistics at train AND test, conv biases before BN; "
            "evaluation then runs episode by episode). TF .npy weights need tf")
-    a("--pre_train_dir", default=None, help="pre-train images (default: <dataset_dir>/train)")
-    a("--meta_train_dir", default=None, help="meta-train images (default: <dataset_dir>/train)")
-    a("--meta_val_dir", default=None, help="validation images (default: <dataset_dir>/val)")
-    flex(a("--meta_test_dir", default=None, help="test images (default: <dataset_dir>/test)"))
-    flex(a("--cache_dir", default=None, help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
+    a("--pre_train_dir", type=path_text, default=None, help="pre-train images (default: <dataset_dir>/train)")
+    a("--meta_train_dir", type=path_text, default=None, help="meta-train images (default: <dataset_dir>/train)")
+    a("--meta_val_dir", type=path_text, default=None, help="validation images (default: <dataset_dir>/val)")
+    flex(a("--meta_test_dir", type=path_text, default=None, help="test images (default: <dataset_dir>/test)"))
+    flex(a("--cache_dir", type=path_text, default=None,
+           help="decoded-image cache (default: <log_root>/cache; 'none' disables)"))
     flex(a("--num_workers", type=nonneg_int, default=0, help="processes that decode images into the cache"))
     flex(a("--allow_split_overlap", action="store_true",
            help="run even when two splits share class names or identical images (a warning instead of the error; "
@@ -228,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     flex(a("--pre_save_every", type=positive_int, default=10, help="keep epoch<N>.pth every N epochs"))
     a("--pre_init_epoch", type=nonneg_int, default=0,
       help="meta-train starts from pre-train epoch<N>.pth; 0 = the best by validation (max_acc.pth)")
-    a("--pre_label", default="", help="extra label of the pre-train log folder")
+    a("--pre_label", type=label_text, default="", help="extra label of the pre-train log folder")
     a("--pre_val_update_step", type=positive_int, default=100, help="head fine-tuning steps in pre-train val")
     a("--pre_val_base_lr", type=positive_float, default=0.01, help="head fine-tuning lr in pre-train val")
     a("--sync_bn", action="store_true",
@@ -238,9 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("meta-train and meta-test")
     a = g.add_argument
     a("--meta_batch_size", type=positive_int, default=1, help="tasks per outer update (official PyTorch: 1)")
-    a("--meta_lr_min", type=float, default=0.0, help="floor of meta_lr1 (meta_lr2 floored in proportion)")
-    a("--second_order", action="store_true", help="differentiate through the inner loop")
-    a("--first_order", dest="second_order", action="store_false", help="official first-order update")
+    a("--meta_lr_min", type=nonneg_float, default=0.0,
+      help="floor of meta_lr1 (meta_lr2 floored in proportion); at most --meta_lr1")
+    order = g.add_mutually_exclusive_group()  # the two name one setting: both given is an error, not "last wins"
+    order.add_argument("--second_order", action="store_true", help="differentiate through the inner loop")
+    order.add_argument("--first_order", dest="second_order", action="store_false", help="official first-order update")
     a("--shortcut_ss", default="on", choices=["on", "off"],
       help="SS on the 1x1 shortcut convs: on (official PyTorch: every conv) or off (TF: the shortcut has none)")
     a("--inner_loss", default="mean", choices=["mean", "sum"],
@@ -254,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "base_augmentation)"))
     a("--num_val_episodes", type=positive_int, default=600)
     flex(a("--num_test_episodes", type=positive_int, default=600))
-    a("--eval_seed", type=int, default=1, help="seed of the fixed validation / test episodes")
+    a("--eval_seed", type=seed_int, default=1, help=f"seed of the fixed validation / test episodes (0..{SEED_MAX})")
     a("--eval_mode", default="bank", choices=["bank", "episodic"],
       help="bank: encode each image once, batch all episodes (exact, fast); episodic: one episode at a time")
     flex(a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
       help="finetune: the base learner's inner loop; centroid: nearest class mean of the features"))
     a("--hard_task", action="store_true", help="hard-task (HT) meta-batch, paper Alg. 1")
     a("--ht_normal_tasks", type=positive_int, default=None,
-      help="normal tasks per meta-batch that feed the failure-class record (default: max(way, meta_batch))")
+      help="normal tasks per meta-batch that feed the failure-class record (default: --meta_batch_size)")
     a("--ht_hard_tasks", type=nonneg_int, default=1, help="hard tasks per meta-batch")
     a("--ht_update", default="separate", choices=["separate", "shared"],
       help="separate: one outer update per hard task; shared: hard tasks join the meta-batch's update")
@@ -269,11 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run control")  # every flag of this group may change on --resume
     a = _flexible(g.add_argument)
-    a("--log_root", default="./logs", help="all checkpoints, logs and results go under this folder")
+    a("--log_root", type=path_text, default="./logs", help="all checkpoints, logs and results go under this folder")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--resume", action="store_true", help="continue the run in its log folder from its last checkpoint")
-    a("--overwrite", action="store_true",
-      help="start afresh in a log folder that holds an earlier run: that run is moved to <folder>.old-<time>")
+    again = _flexible(g.add_mutually_exclusive_group().add_argument)  # continue, or move aside: not both
+    again("--resume", action="store_true", help="continue the run in its log folder from its last checkpoint")
+    again("--overwrite", action="store_true",
+          help="start afresh in a log folder that holds an earlier run: that run is moved to <folder>.old-<time>")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (slower); CPU runs are already")
     a("--amp", action="store_true",
       help="bfloat16 autocast of the encoder (inner loop and losses stay float32), on CUDA and on a CPU with native "
@@ -286,10 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     a("--eval_batch_size", type=positive_int, default=256, help="images per batch when encoding a split")
     a("--quiet", action="store_true", help="no progress bars")
-    a("--dist_timeout", type=positive_float, default=600.0,
+    a("--dist_timeout", type=timeout_seconds, default=600.0,
       help="torchrun: seconds a process waits for the others at a collective before the run stops with an error")
     a("--stop_after_epoch", type=nonneg_int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
+
+
+def explicit_flags(argv: Sequence[str] | None = None) -> frozenset[str]:
+    """The settings (``dest`` names) given on the command line ``argv``, as opposed to a default or a recipe's
+    preset: for the checks of flags that conflict (``main.check_args``). Call after :func:`parse_args` accepted
+    ``argv``."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # an absent flag then leaves no attribute
+    given, _ = probe.parse_known_args(argv)
+    return frozenset(vars(given))
 
 
 def resolve_recipe(recipe: str | None, backbone: str | None) -> tuple[str, str]:
