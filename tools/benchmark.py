@@ -214,7 +214,7 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
     for i, (split, (c, n)) in enumerate(splits.items()):
         imgs, labels = synthetic_split(c, n, stored, seed=17 + i)
         for j, (img, lab) in enumerate(zip(imgs, labels)):
-            d = os.path.join(root, split, f"n{lab:04d}")
+            d = os.path.join(root, split, f"{split}_{lab:03d}")  # as the pack: no class name in two splits
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{j:05d}.png"), compress_level=1)
     return root

@@ -9,7 +9,10 @@ from tools import format_bench
 
 
 @pytest.mark.parametrize("variant", ["png", "npz"])
-def test_format_bench_small(variant, tmp_path):
+def test_format_bench_small(variant, tmp_path, monkeypatch):
+    # its own temporary folder: another process's benchmark in the shared /tmp must not look like a leftover
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     before = set(glob.glob(f"{tempfile.gettempdir()}/format_bench_*"))
     out = tmp_path / "bench.json"
     res = format_bench.main(["--images", "1500", "--classes", "30", "--variant", variant, "--out", str(out)])
