@@ -532,9 +532,20 @@ def _e87(c, mp):  # a benchmark pickle that cannot be read
     return c.argv(*PRE, data=root)
 
 
+def _e88(c, mp):  # a run killed after its epoch's first files, before resume.pth (its commit point)
+    (c.logs / PRE_DIR / "resume.pth").unlink()
+    return c.argv(*PRE)
+
+
+def _e89(c, mp):  # a text file given as a checkpoint (it said "cannot be loaded safely", as for a malicious one)
+    p = c.tmp / "notes.pth"
+    p.write_text("learning rate 0.1, 5 epochs\n")
+    return c.argv(*EVAL, "--eval_weights", str(p))
+
+
 DATA_CASES = {"E71": _e71, "E72": _e72, "E73": _e73, "E74": _e74, "E75": _e75, "E76": _e76, "E77": _e77,
               "E78": _e78, "E79": _e79, "E80": _e80, "E81": _e81, "E82": _e82, "E83": _e83, "E84": _e84,
-              "E85": _e85, "E86": _e86, "E87": _e87}
+              "E85": _e85, "E86": _e86, "E87": _e87, "E88": _e88, "E89": _e89}
 
 
 # ------------------------------------- issue 20, Part RUN: non-finite values, write faults, signals (E90-E109)

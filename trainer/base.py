@@ -451,6 +451,12 @@ class BaseTrainer:
             def claim() -> None:
                 held.enter_context(RunLock(self.log_dir))
                 if not a.resume and holds_run(self.log_dir):
+                    if not a.overwrite and not os.path.isfile(os.path.join(self.log_dir, "resume.pth")):
+                        # (a run killed after an epoch's first files, before its commit point: --resume would fail)
+                        raise UserError(f"{self.log_dir} holds files of a run that saved no resume point (resume.pth "
+                                        "is missing, so it cannot be continued); start afresh with --overwrite (the "
+                                        f"earlier files are moved to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing "
+                                        "is deleted), or give this run another folder")
                     if not a.overwrite:
                         raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it "
                                         "with --resume, or start afresh with --overwrite (the earlier run is moved "

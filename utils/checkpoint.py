@@ -51,9 +51,12 @@ def load_checkpoint(path: str) -> dict:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's message starts with a paragraph on the weights_only default; the line naming the refused
         # global ("Trying to load unsupported GLOBAL posix.system ...") is the one that says what is wrong.
-        detail = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln),
-                      lines[0] if lines else type(e).__name__)
-        raise UserError(f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {detail[:160]})")
+        refused = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if refused is None:  # "Unsupported operand 123": the bytes are no pickle at all (a text file, random data)
+            detail = next((ln for ln in lines if "nsupported" in ln), lines[-1] if lines else type(e).__name__)
+            raise UserError(f"checkpoint {path} is not a PyTorch checkpoint (its bytes are no torch.save file or "
+                            f"pickle: {detail[:80]}); pass the .pth file the run wrote")
+        raise UserError(f"checkpoint {path} cannot be loaded safely (weights_only=True refused it: {refused[:160]})")
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                         f"{type(e).__name__}")
