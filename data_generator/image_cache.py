@@ -52,7 +52,7 @@ from typing import Callable
 import numpy as np
 
 from utils.errors import UserError
-from utils.run_lock import _pid_alive
+from utils.run_lock import pid_alive
 
 __all__ = ["CACHE_VERSION", "KEY_SCHEME", "CacheEntry", "image_digests", "digests_hex", "digests_from_hex",
            "lookup_cache", "read_record", "write_cache", "cache_paths", "remove_orphans", "cache_write_error"]
@@ -201,7 +201,7 @@ def remove_orphans(cache_dir: str) -> list[tuple[str, int]]:
             st = os.stat(path)
         except OSError:
             continue
-        if pid == os.getpid() or (pid > 0 and _pid_alive(pid) and not _started_after(pid, st.st_mtime)):
+        if pid == os.getpid() or (pid > 0 and pid_alive(pid) and not _started_after(pid, st.st_mtime)):
             continue  # a live build (this process's own included)
         try:
             os.remove(path)

@@ -25,7 +25,8 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("resume.pth", "last.pth", "max_acc.pth", "trlog.json")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ class RunLock:
             if not other:
                 continue  # released between our two calls: try again
             if other.get("host") == self.info["host"] and isinstance(other.get("pid"), int) \
-                    and not _pid_alive(other["pid"]):
+                    and not pid_alive(other["pid"]):
                 print(f"taking over the stale lock of {_describe(other)} in {self.folder}: that process no longer "
                       "exists", flush=True)
                 try:
