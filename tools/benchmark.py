@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import run_experiment
-from data_generator.dataset_loader import load_split
+from data_generator.dataset_loader import load_split, split_spec
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
 from models.mtl import MetaLearner, PreLearner
@@ -403,7 +403,7 @@ def bench_glyphs(b: Bench, cfg: dict, pack: str, n_episodic: int, log_root: str,
     enc, w, bias, weights = glyph_encoder(b, cfg, pack, log_root, checkpoint)
     prep_s = time.perf_counter() - t
     tf = BatchTransform(int(demo["image_size"]), demo["preprocess"])
-    test = load_split(f"{pack}#test", tf.stored_size)
+    test = load_split(split_spec(pack, "test"), tf.stored_size)
     query = int(demo["val_query"])
     steps = cfg["glyph_update_step"] or int(demo["test_update_step"])
     lr = float(demo["base_lr"])
