@@ -344,8 +344,7 @@ class Learn2LearnCache(Reader):
     benchmarks = ("miniImageNet",)
 
     def detect(self, root: str) -> list[tuple[str, ...]]:
-        names = _names(root)
-        return [self.benchmarks] if any(f in names for fs in L2L_FILES.values() for f in fs) else []
+        return [self.benchmarks] if _names(root) & {f for fs in L2L_FILES.values() for f in fs} else []
 
     def files(self, spec: SplitSpec, quiet: bool = False) -> list[str]:
         root, split = spec.path, spec.split
@@ -385,10 +384,8 @@ class TieredImageNet(Reader):
     benchmarks = ("tieredImageNet",)
 
     def detect(self, root: str) -> list[tuple[str, ...]]:
-        names = _names(root)
-        found = any(f"{s}_labels.pkl" in names or f"{s}_images_png.pkl" in names or f"{s}_images.npz" in names
-                    for s in SPLITS)
-        return [self.benchmarks] if found else []
+        markers = {f"{s}{end}" for s in SPLITS for end in ("_labels.pkl", "_images_png.pkl", "_images.npz")}
+        return [self.benchmarks] if _names(root) & markers else []
 
     def files(self, spec: SplitSpec, quiet: bool = False) -> list[str]:
         root, split = spec.path, spec.split
