@@ -211,12 +211,14 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
         path = os.path.join(root, "synthetic.npz")
         np.savez(path, **arrays)  # uncompressed: loads at disk speed
         return path
+    first = 0  # class names numbered across the splits: real splits share no class (split hygiene refuses that)
     for i, (split, (c, n)) in enumerate(splits.items()):
         imgs, labels = synthetic_split(c, n, stored, seed=17 + i)
         for j, (img, lab) in enumerate(zip(imgs, labels)):
-            d = os.path.join(root, split, f"n{lab:04d}")
+            d = os.path.join(root, split, f"n{first + lab:04d}")
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{j:05d}.png"), compress_level=1)
+        first += c
     return root
 
 

@@ -145,6 +145,18 @@ def test_every_builtin_printable_form_reads_back(tmp_path):
     assert kinds == {r.kind for r in dl.READERS}  # every registered reader was exercised
 
 
+def test_role_flags_resolve_through_the_registry(tmp_path):
+    """A role flag at a pack reads that role's split (docs/DATA.md); its printable form names the split it says."""
+    pack = make_npz(str(tmp_path / "p.npz"), size=8, per_class=2, classes=(3, 3, 3))
+    assert role_spec(pack, "test") == SplitSpec(pack, "npz", "test")
+    assert role_spec(f"{pack}#val", "test") == SplitSpec(pack, "npz", "val")
+    folders = make_folders(str(tmp_path / "f"), size=8, per_class=2, classes=(3, 3, 3))
+    val = os.path.join(folders, "val")
+    assert role_spec(val, "test") == SplitSpec(val, "folders", "val")  # one class-folder split, as given
+    with pytest.raises(UserError, match=r"dataset pack spec .*p\.npz needs a split: write .*p\.npz#train"):
+        load_split(pack, 8)  # load_split itself reads a printable form: a pack needs its split
+
+
 def test_malformed_printable_forms_are_one_line(tmp_path):
     root = F.write_metaoptnet(str(tmp_path / "mo"), F.make_images(classes=(3, 3, 3), per_class=2, size=8), "FC100")
     with pytest.raises(UserError, match=r"expected <folder>#<kind>:<benchmark>:<split> with kind one of csv, "
