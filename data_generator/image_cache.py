@@ -1,6 +1,9 @@
-"""The decoded-image cache: one entry per split, written once, verified every time it is opened.
+"""The decoded-image cache, and what every reader builds into it: :class:`ImageSet` (one split, decoded),
+:class:`Prepared` (what a reader found, with the ``fill`` that writes the images), the cache key, and
+:func:`cached`, the one lookup -> verify -> build -> write flow that every split of every reader goes through.
 
-An entry is two files in the cache folder (``<log_root>/cache`` by default, ``--cache_dir``):
+One entry per split, written once, verified every time it is opened: two files in the cache folder
+(``<log_root>/cache`` by default, ``--cache_dir``):
 
 * ``<key>.npy``: the images, uint8 (N, S, S, 3), S = the stored size, read back with ``np.load(mmap_mode="r")``;
 * ``<key>.json``: its record, written last (it marks the entry complete): ``version`` (:data:`CACHE_VERSION`),
@@ -9,11 +12,10 @@ An entry is two files in the cache folder (``<log_root>/cache`` by default, ``--
   :func:`image_digests`, as 16 hex digits each, concatenated) and ``record_digest`` (the sha1 of the canonical
   json of everything else in the record, so the labels, class names and digests are checked too).
 
-``key`` is the sha1 of the reader's identity and of every source file's relative path, byte size and ``mtime_ns``
-(``dataset_loader._cache_key``, ``formats._key``), so a changed file gives a new key. Its first line is
-:data:`KEY_SCHEME`, which does not change with :data:`CACHE_VERSION`: an entry an older version wrote is found
-under the same key, refused by its version, and rebuilt in place (rather than left on disk under a key nothing
-looks up).
+``key`` (:func:`cache_key`) is the sha1 of the reader's identity line and of every source file's relative path,
+byte size and ``mtime_ns``, so a changed file gives a new key. Its first line is :data:`KEY_SCHEME`, which does not
+change with :data:`CACHE_VERSION`: an entry an older version wrote is found under the same key, refused by its
+version, and rebuilt in place (rather than left on disk under a key nothing looks up).
 
 Opening an entry (:func:`lookup_cache`) checks the record (parses, same version, ``record_digest`` matches), the
 ``.npy`` header (uint8, the record's shape), its length (header + N*S*S*3 bytes exactly), the labels (N of
@@ -32,13 +34,15 @@ file of another host (a cache folder on a shared file system), are left alone.
 
 A read-only cache folder is fine as long as its entries are valid (nothing is written when an entry is found);
 when one must be written, the run stops with one line naming the folder and the way out (``--cache_dir none`` or
-another folder). Nothing here is a second copy of the file readers: they pass ``fill`` callbacks.
+another folder). This module imports no reader: the readers (``folders``, ``packs``, ``formats``) hand
+:func:`cached` a ``prepare`` callback, and ``dataset_loader.load_split`` calls it for them.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -46,19 +50,24 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
+from data_generator.decoding import read_failure
+from data_generator.hygiene import SplitSummary
 from utils.errors import UserError
-from utils.run_lock import _pid_alive
+from utils.misc import pid_alive
 
-__all__ = ["CACHE_VERSION", "KEY_SCHEME", "CacheEntry", "image_digests", "digests_hex", "digests_from_hex",
-           "lookup_cache", "read_record", "write_cache", "cache_paths", "remove_orphans", "cache_write_error"]
+__all__ = ["CACHE_VERSION", "KEY_SCHEME", "ImageSet", "Prepared", "cached", "cache_key", "stat_key", "peek_record",
+           "record_summary", "CacheEntry", "image_digests", "digests_hex", "digests_from_hex", "lookup_cache",
+           "read_record", "write_cache", "cache_paths", "remove_orphans", "cache_write_error"]
+
+log = logging.getLogger(__name__)
 
 #: Written into every record; an entry of another version is rebuilt (with a line). v2: per-image checksums and the
-#: record digest; every Pillow mode decoded to 8-bit RGB by ``dataset_loader.to_rgb`` (v1: Pillow's ``convert``).
+#: record digest; every Pillow mode decoded to 8-bit RGB by ``decoding.to_rgb`` (v1: Pillow's ``convert``).
 CACHE_VERSION = "mtl-imagecache-v2"
 #: The first line of every cache key (unchanged since v1, so older entries are found and replaced in place).
 KEY_SCHEME = "mtl-imagecache-v1"
@@ -66,6 +75,80 @@ KEY_SCHEME = "mtl-imagecache-v1"
 DIGEST = "sha1-64"
 
 _TMP = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<hex>[0-9a-f]{8})(?:@(?P<host>[^/]*))?$")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageSet and Prepared: what a split is, and what a reader hands the cache
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ImageSet:
+    """One split, fully decoded.
+
+    Attributes:
+        images: uint8 (N, H, W, 3) with H == W == stored size; an ``np.memmap`` when it came from the cache.
+        labels: int64 (N,), values 0..C-1 (class index in ``class_names``).
+        class_names: (C,) class names, sorted by name (every reader but ``.npz`` packs, whose order is the pack's).
+        source: the printable form of the spec the split was loaded from (``str(SplitSpec)``), as messages name it.
+        files: (N,) per-image names for messages: paths relative to the split folder (folder splits, csv), else
+            ``None``.
+        digests: uint64 (N,) per-image content digests (:func:`data_generator.image_cache.image_digests`): verified
+            against the cache, or computed at load; ``None`` only for an ImageSet built by hand.
+        numbered_names: True when the reader made the class names up from label numbers (the file holds none).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    source: str
+    files: list[str] | None = None
+    digests: np.ndarray | None = None
+    numbered_names: bool = False
+    _class_indices: list[np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of classes."""
+        return len(self.class_names)
+
+    @property
+    def stored_size(self) -> int:
+        """H (== W) of the stored images."""
+        return int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_indices(self) -> list[np.ndarray]:
+        """Per class c (0..C-1), the sorted int64 indices of its images: a list of C arrays of shape (n_c,)."""
+        if self._class_indices is None:
+            order = np.argsort(self.labels, kind="stable")
+            counts = np.bincount(self.labels, minlength=self.num_classes)
+            bounds = np.cumsum(counts)[:-1]
+            self._class_indices = [part.astype(np.int64) for part in np.split(order, bounds)]
+        return self._class_indices
+
+    def class_counts(self) -> np.ndarray:
+        """int64 (C,): the number of images of each class."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def summary(self, split: str) -> SplitSummary:
+        """What :mod:`data_generator.hygiene` compares (names, labels, digests; no pixels)."""
+        digests = self.digests if self.digests is not None else image_digests(self.images)
+        return SplitSummary(split, self.source, list(self.class_names), self.labels, digests, self.files,
+                            self.numbered_names)
+
+
+@dataclass
+class Prepared:
+    """What a reader found, before any image is converted: class names (C,) sorted, labels int64 (N,) in output
+    order (grouped by class), and ``fill(out)`` that writes the N converted images into ``out`` uint8
+    (N, S, S, 3) (a memory map of the cache entry being written, or an array when there is no cache)."""
+
+    class_names: list[str]
+    labels: np.ndarray
+    fill: Callable[[np.ndarray], None]
+    files: list[str] | None = None  # (N,) per-image names (ImageSet.files)
+    numbered_names: bool = False  # the names are label numbers (the file holds none): not compared across splits
 
 
 @dataclass
@@ -201,7 +284,7 @@ def remove_orphans(cache_dir: str) -> list[tuple[str, int]]:
             st = os.stat(path)
         except OSError:
             continue
-        if pid == os.getpid() or (pid > 0 and _pid_alive(pid) and not _started_after(pid, st.st_mtime)):
+        if pid == os.getpid() or (pid > 0 and pid_alive(pid) and not _started_after(pid, st.st_mtime)):
             continue  # a live build (this process's own included)
         try:
             os.remove(path)
@@ -311,7 +394,7 @@ def _open(npy: str, meta: str, stored_size: int, files: list[str] | None,
     bad = np.flatnonzero(got != digests)
     if bad.size:
         k = int(bad[0])
-        what = record.get("image_files") if "format" in record else record.get("files")  # per-image names
+        what = image_names(record)
         name = f" ({what[k]})" if isinstance(what, list) and len(what) == count else ""
         more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
         return None, f"image {k}{name} does not match its checksum{more}"
@@ -413,3 +496,85 @@ def write_cache(cache_dir: str, key: str, n: int, stored_size: int, fill: Callab
         _remove(tmp, tmp_meta)
         raise
     return CacheEntry(np.load(npy, mmap_mode="r"), record, digests)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The key, and the one cached build
+# ---------------------------------------------------------------------------------------------------------------------
+def stat_key(h: "hashlib._Hash", path: str, rel: str) -> None:
+    """Add ``rel``, the byte size and the ``mtime_ns`` of ``path`` to the cache key ``h``; UserError naming the
+    path when it cannot be read (a link that broke since the scan, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise read_failure(path, exc) from None
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+
+
+def cache_key(root: str, files: Sequence[str], stored_size: int, identity: str | None) -> str:
+    """The key of one split: sha1 over :data:`KEY_SCHEME`, the reader's ``identity`` line (class folders: none),
+    ``stored_size`` and, per file (``files`` relative to ``root``), its path, byte size and ``mtime_ns``."""
+    lines = [KEY_SCHEME] + ([] if identity is None else [identity]) + [str(int(stored_size))]
+    h = hashlib.sha1()
+    h.update(("\n".join(lines) + "\n").encode())
+    for rel in files:
+        stat_key(h, os.path.join(root, rel), rel)
+    return h.hexdigest()
+
+
+def image_names(record: dict) -> list[str] | None:
+    """The per-image names of an entry (class folders: ``files``; benchmark files: ``image_files``, or None)."""
+    return record.get("image_files") if "format" in record else record.get("files")
+
+
+def record_summary(record: dict, split: str, source: str) -> SplitSummary:
+    """What split hygiene needs, from an entry's (verified) record alone: names, labels, per-image digests."""
+    return SplitSummary(split, source, list(record["class_names"]), np.asarray(record["labels"], dtype=np.int64),
+                        digests_from_hex(record["image_digests"]), image_names(record),
+                        bool(record.get("numbered_names")))
+
+
+def peek_record(cache_dir: str, key: str, files: list[str]) -> dict | None:
+    """The record of entry ``key`` when it is valid (:func:`read_record`) and made from ``files``; the images are not
+    opened (split hygiene before a meta-test)."""
+    record, _ = read_record(cache_paths(cache_dir, key)[1])
+    return record if record is not None and record.get("files") == files else None
+
+
+def cached(cache_dir: str | None, stored_size: int, root: str, files: list[str], identity: str | None,
+           prepare: Callable[[], Prepared], source: str, info: Callable[[Prepared], dict],
+           count: int | None = None) -> ImageSet:
+    """One split through the cache: lookup -> verify -> (on a miss) build -> write, for every reader.
+
+    Args:
+        cache_dir: the cache folder; ``None``: no cache (``prepare`` and fill an array in memory).
+        stored_size: S, the side of the stored square images.
+        root, files, identity: what the key is made of (:func:`cache_key`); ``files`` relative to ``root``, as the
+            record's ``files`` stores them.
+        prepare: reads the source (class names, labels, ``fill``); called only when the entry must be built.
+        source: ``ImageSet.source`` (the spec's printable form).
+        info: the reader's fields for the record (``source``, ``format``, ...), given what ``prepare`` found.
+        count: N when the files alone tell it (one image per file), checked against the record.
+
+    Returns:
+        An ImageSet of uint8 (N, S, S, 3): on a hit a read-only memory map with the labels, class names and
+        per-image names of the verified record; else the freshly converted images (from the new entry).
+    """
+    if cache_dir is None:
+        p = prepare()
+        log.info("converting %d images of %s without a cache", len(p.labels), source)
+        images = np.empty((len(p.labels), stored_size, stored_size, 3), dtype=np.uint8)
+        p.fill(images)
+        return ImageSet(images, p.labels, p.class_names, source, p.files, image_digests(images), p.numbered_names)
+    key = cache_key(root, files, stored_size, identity)
+    hit = lookup_cache(cache_dir, key, stored_size, files, count)
+    if hit is not None:
+        r = hit.record
+        log.info("loaded %d decoded images of %s from the cache %s", len(hit.images), source, cache_dir)
+        return ImageSet(hit.images, np.asarray(r["labels"], dtype=np.int64), list(r["class_names"]), source,
+                        image_names(r), hit.digests, bool(r.get("numbered_names")))
+    p = prepare()
+    log.info("converting %d images of %s into the cache %s", len(p.labels), source, cache_dir)
+    record = {"class_names": p.class_names, "labels": p.labels.tolist(), "files": files, **info(p)}
+    entry = write_cache(cache_dir, key, len(p.labels), stored_size, p.fill, record)
+    return ImageSet(entry.images, p.labels, p.class_names, source, p.files, entry.digests, p.numbered_names)

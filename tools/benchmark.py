@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import run_experiment
-from data_generator.dataset_loader import load_split
+from data_generator.dataset_loader import load_split, split_spec
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
 from models.mtl import MetaLearner, PreLearner
@@ -211,12 +211,14 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
         path = os.path.join(root, "synthetic.npz")
         np.savez(path, **arrays)  # uncompressed: loads at disk speed
         return path
+    first = 0  # class names numbered across the splits: real splits share no class (split hygiene refuses that)
     for i, (split, (c, n)) in enumerate(splits.items()):
         imgs, labels = synthetic_split(c, n, stored, seed=17 + i)
         for j, (img, lab) in enumerate(zip(imgs, labels)):
-            d = os.path.join(root, split, f"{split}_{lab:03d}")  # as the pack: no class name in two splits
+            d = os.path.join(root, split, f"n{first + lab:04d}")
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{j:05d}.png"), compress_level=1)
+        first += c
     return root
 
 
@@ -403,7 +405,7 @@ def bench_glyphs(b: Bench, cfg: dict, pack: str, n_episodic: int, log_root: str,
     enc, w, bias, weights = glyph_encoder(b, cfg, pack, log_root, checkpoint)
     prep_s = time.perf_counter() - t
     tf = BatchTransform(int(demo["image_size"]), demo["preprocess"])
-    test = load_split(f"{pack}#test", tf.stored_size)
+    test = load_split(split_spec(pack, "test"), tf.stored_size)
     query = int(demo["val_query"])
     steps = cfg["glyph_update_step"] or int(demo["test_update_step"])
     lr = float(demo["base_lr"])

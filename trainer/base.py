@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, peek_split, split_spec
-from data_generator.formats import detect_formats
+from data_generator.dataset_loader import (FOLDERS, ImageSet, SplitSpec, check_episode_fit, load_split, peek_split,
+                                           role_spec, split_spec)
 from data_generator.hygiene import SplitSummary, duplicate_classes, split_overlap
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
@@ -81,22 +81,18 @@ class DataBundle:
         self.cache_dir = data.cache_dir
         self.checked: dict[str, SplitSummary] = {}  # split name -> the summary of a split loaded and checked
 
-    def spec(self, role: str) -> str:
+    def spec(self, role: str) -> SplitSpec:
         d = self.settings
         explicit = {"pre_train": d.pre_train_dir, "meta_train": d.meta_train_dir, "val": d.meta_val_dir,
                     "test": d.meta_test_dir}[role]
         split = SPLIT_OF_ROLE[role]
-        if explicit:
-            if os.path.isdir(explicit) and detect_formats(explicit):  # e.g. --meta_test_dir at FC100 pickles
-                return split_spec(explicit, split, d.dataset)
-            return explicit
+        if explicit:  # e.g. --meta_test_dir at FC100 pickles (its test split), or at one class-folder split
+            return role_spec(explicit, split, d.dataset)
         return split_spec(d.dataset_dir, split, d.dataset)
 
     def load(self, role: str) -> ImageSet:
         spec = self.spec(role)
-        root, sep, _ = spec.rpartition("#")
-        benchmark_files = bool(sep) and os.path.isdir(root)  # a spec of data_generator/formats.py
-        if not spec.split("#")[0].endswith(".npz") and not benchmark_files and not os.path.isdir(spec):
+        if spec.kind == FOLDERS and not os.path.isdir(spec.path):
             own = DIR_FLAG_OF_ROLE[role]  # the flag that named the folder (the message must name that one)
             flag = f"--{own}" if getattr(self.settings, own) else "--dataset_dir"
             raise UserError(
@@ -115,7 +111,7 @@ class DataBundle:
         distributed.on_main(lambda: first.append(load()))
         return first[0] if first else load()
 
-    def check(self, role: str, spec: str, imageset: ImageSet) -> None:
+    def check(self, role: str, spec: SplitSpec, imageset: ImageSet) -> None:
         """Split hygiene for the split just loaded (see the class docstring); prints warnings on rank 0. Splits of
         different names are compared even when they are the same folder (``--meta_val_dir`` at the train folder is
         the fullest overlap there is)."""
@@ -145,7 +141,7 @@ class DataBundle:
             if split in self.checked or spec in seen:
                 continue
             seen.add(spec)
-            if spec == test.source:  # --meta_test_dir at the train or val folder
+            if str(spec) == test.source:  # --meta_test_dir at the train or val folder
                 found.append(replace(test, split=split))
                 continue
             try:

@@ -17,7 +17,7 @@ import socket
 import time
 
 from utils.errors import UserError
-from utils.misc import pid_alive as _pid_alive
+from utils.misc import pid_alive
 
 __all__ = ["RunLock", "RUN_FILES", "holds_run", "move_aside"]
 
@@ -73,7 +73,7 @@ class RunLock:
             if not other:
                 continue  # released between our two calls: try again
             if other.get("host") == self.info["host"] and isinstance(other.get("pid"), int) \
-                    and not _pid_alive(other["pid"]):
+                    and not pid_alive(other["pid"]):
                 print(f"taking over the stale lock of {_describe(other)} in {self.folder}: that process no longer "
                       "exists", flush=True)
                 try:

@@ -344,8 +344,8 @@ def test_a_full_cache_folder_is_one_line_before_anything_is_decoded(folder, tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)
     calls = []
-    import data_generator.dataset_loader as dl
-    monkeypatch.setattr(dl, "_decode_all", lambda *a: calls.append(a))
+    import data_generator.folders as folders
+    monkeypatch.setattr(folders, "decode_all", lambda *a: calls.append(a))
     cache = tmp_path / "cache"
     with pytest.raises(UserError) as e:
         load_split(str(folder), SIZE, cache_dir=str(cache))

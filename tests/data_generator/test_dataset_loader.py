@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_generator import dataset_loader as dl
+from data_generator import decoding
 from data_generator.dataset_loader import ImageSet, check_episode_fit, load_split, split_spec
 from utils.errors import UserError
 
@@ -174,13 +174,13 @@ def test_pool_decoding_reports_bad_file(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def _count_decodes(monkeypatch):
     calls = []
-    real = dl.decode_image
+    real = decoding.decode_image
 
     def counting(path, size):
         calls.append(path)
         return real(path, size)
 
-    monkeypatch.setattr(dl, "decode_image", counting)
+    monkeypatch.setattr(decoding, "decode_image", counting)
     return calls
 
 
@@ -198,7 +198,7 @@ def test_cache_roundtrip_without_decoding(tmp_path, monkeypatch):
     def boom(path, size):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(dl, "decode_image", boom)
+    monkeypatch.setattr(decoding, "decode_image", boom)
     second = load_split(root, SIZE, cache_dir=str(cache))
     assert isinstance(second.images, np.memmap)
     np.testing.assert_array_equal(first.images, second.images)
@@ -288,8 +288,8 @@ def test_npz_errors(tmp_path):
 
 
 def test_split_spec():
-    assert split_spec("data/mini", "train") == os.path.join("data/mini", "train")
-    assert split_spec("glyphs.npz", "val") == "glyphs.npz#val"
+    assert str(split_spec("data/mini", "train")) == os.path.join("data/mini", "train")
+    assert str(split_spec("glyphs.npz", "val")) == "glyphs.npz#val"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_generator.dataset_loader import ALPHA_BACKGROUND, decode_image, load_split, to_rgb
+from data_generator.dataset_loader import load_split
+from data_generator.decoding import ALPHA_BACKGROUND, decode_image, to_rgb
 from utils.errors import UserError
 
 W = ALPHA_BACKGROUND  # 255: transparent pixels become white

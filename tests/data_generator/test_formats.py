@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import data_generator.formats as formats
-from data_generator.dataset_loader import load_split, split_spec
-from data_generator.formats import CIFAR100_SPLITS, detect_formats
+from data_generator.dataset_loader import detect_formats, load_split, split_spec
+from data_generator.formats import CIFAR100_SPLITS
 from data_generator.meta_data_generator import fixed_episodes
 from tests import format_fakes as F
 from tests.helpers import py2_pickle_dumps
@@ -44,8 +44,8 @@ def test_detected_kind(same_images):
     assert detect_formats(roots["metaoptnet"]) == [("metaoptnet", "miniImageNet")]
     assert detect_formats(roots["learn2learn"]) == [("learn2learn", "miniImageNet")]
     assert detect_formats(roots["tiered-png"]) == [("tiered", "tieredImageNet")]
-    assert split_spec(roots["metaoptnet"], "val") == f"{roots['metaoptnet']}#metaoptnet:miniImageNet:val"
-    assert split_spec(roots["folders"], "val") == os.path.join(roots["folders"], "val")
+    assert str(split_spec(roots["metaoptnet"], "val")) == f"{roots['metaoptnet']}#metaoptnet:miniImageNet:val"
+    assert str(split_spec(roots["folders"], "val")) == os.path.join(roots["folders"], "val")
 
 
 @pytest.mark.parametrize("size", [84, 92])  # stored as is (paper), resized like a folder image (pytorch 92)
@@ -235,7 +235,7 @@ def test_several_datasets_in_one_folder(tmp_path):
     F.write_metaoptnet(root, data, "CIFAR-FS")
     with pytest.raises(UserError, match=r"holds several datasets: metaoptnet \(FC100\), metaoptnet \(CIFAR-FS\)"):
         split_spec(root, "train", "miniImageNet")
-    assert split_spec(root, "train", "CIFAR-FS").endswith("#metaoptnet:CIFAR-FS:train")
+    assert str(split_spec(root, "train", "CIFAR-FS")).endswith("#metaoptnet:CIFAR-FS:train")
     assert _load(root, "train", 32, dataset="CIFAR-FS").images.shape == (20, 32, 32, 3)
 
 
@@ -328,7 +328,7 @@ def test_role_folder_flags_accept_benchmark_files(same_images, tmp_path):
     d = DataSettings(roots["folders"], 16, "paper", False, None, meta_test_dir=roots["learn2learn"],
                      meta_val_dir=os.path.join(roots["folders"], "val"), dataset="miniImageNet")
     bundle = DataBundle(d)
-    assert bundle.spec("test") == f"{roots['learn2learn']}#learn2learn:miniImageNet:test"
-    assert bundle.spec("val") == os.path.join(roots["folders"], "val")
-    assert bundle.spec("pre_train") == os.path.join(roots["folders"], "train")
+    assert str(bundle.spec("test")) == f"{roots['learn2learn']}#learn2learn:miniImageNet:test"
+    assert str(bundle.spec("val")) == os.path.join(roots["folders"], "val")
+    assert str(bundle.spec("pre_train")) == os.path.join(roots["folders"], "train")
     assert np.array_equal(np.asarray(bundle.load("test").images), _load(roots["folders"], "test", 16).images)

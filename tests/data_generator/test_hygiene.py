@@ -140,10 +140,10 @@ def test_meta_eval_compares_test_with_the_cached_train_split_without_decoding_it
     assert _run(base + PRE, capsys)[0] == 0  # writes the train and val cache entries
     ev = base + ["--phase", "meta_eval", "--eval_weights", str(logs / "pre" / "custom_conv4" / "max_acc.pth"),
                  "--num_test_episodes", "5", "--test_query", "2", "--update_step", "2"]
-    import data_generator.dataset_loader as dl
+    import data_generator.folders as folders
     decoded = []
-    real = dl._decode_all
-    monkeypatch.setattr(dl, "_decode_all", lambda paths, *a: (decoded.extend(paths), real(paths, *a))[1])
+    real = folders.decode_all
+    monkeypatch.setattr(folders, "decode_all", lambda paths, *a: (decoded.extend(paths), real(paths, *a))[1])
     rc, out, err = _run(ev, capsys)
     assert rc == 0, err and "note:" not in out
     assert decoded and all(os.sep + "test" + os.sep in p for p in decoded)  # train and val: records only

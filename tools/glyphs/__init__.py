@@ -51,7 +51,7 @@ Two datasets are built from this:
   see ``BENCHMARK_SPLITS``), 32x32, 20 images per class, built on demand (``ensure_benchmark``) with a
   manifest of checksums next to it.
 
-File format (one ``.npz``, read by ``data_generator.dataset_loader``): for each split ``s`` in
+File format (one ``.npz``, read by ``data_generator/packs.py``): for each split ``s`` in
 ``train, val, test``: ``s_images`` uint8 ``(N, H, W)``, ``s_labels`` int64 ``(N,)`` in ``0..C_s-1``,
 ``s_classes`` unicode ``(C_s,)`` sorted by name, with ``s_classes[label]`` the class of an image; plus
 ``meta_json``, a 0-d unicode array holding a JSON object (seed, image size, generator version, per-split
