@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -35,6 +34,8 @@ import time
 import zlib
 
 import numpy as np
+
+from tools.format_bench import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,12 +138,7 @@ def main(argv=None) -> dict:
                "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(line + "\n")
-    return res
+    return emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -144,10 +144,15 @@ def main(argv=None) -> dict:
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
+    return emit(res, a.out)
+
+
+def emit(res: dict, out: str | None) -> dict:
+    """Print ``res`` as one JSON line and, with ``out``, write that line to the file; returns ``res``."""
     line = json.dumps(res)
     print(line)
-    if a.out:
-        with open(a.out, "w") as fh:
+    if out:
+        with open(out, "w") as fh:
             fh.write(line + "\n")
     return res
 
