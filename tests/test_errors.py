@@ -229,6 +229,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return distributed_case(cid, c, monkeypatch)
     if cid in RUN_CASES:
         return RUN_CASES[cid](c, monkeypatch)
+    if cid in MODEL_CASES:
+        return MODEL_CASES[cid](c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in DATA_CASES:
@@ -744,6 +746,24 @@ def _e109(c, mp):  # SIGHUP (the terminal closed) during meta_eval
 RUN_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(90, 110)}
 
 
+# ------------------------------------- issue 21, the model spec and the one loader (E140-E141; models/loading.py)
+def _e140(c, mp):  # the official {'params': ...} of a resnet12_slim, --backbone conv4 given
+    from models.resnet_mtl import build_backbone
+    torch.manual_seed(0)
+    enc = build_backbone("resnet12_slim", mtl=True)
+    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({"base_learner.fc1_w": torch.zeros(5, 256), "base_learner.fc1_b": torch.zeros(5)})
+    torch.save({"params": sd}, c.tmp / "official_meta.pth")
+    return c.argv(*EVAL, "--eval_weights", str(c.tmp / "official_meta.pth"))
+
+
+def _e141(c, mp):  # a checkpoint whose model spec is of a newer version of this program
+    return c.argv(*EVAL, "--eval_weights", c.edited_checkpoint(lambda ck: ck["spec"].update(version=2)))
+
+
+MODEL_CASES = {"E140": _e140, "E141": _e141}
+
+
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
 
@@ -774,8 +794,8 @@ def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         arr[()] = w
         np.save(dl / "weights.npy", arr, allow_pickle=True)
         c.after = lambda: not marker.exists()
-    if cid == "E56":  # TF weights without --bn_mode tf
-        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--eval_weights", str(dl))
+    if cid == "E56":  # TF weights with --bn_mode pytorch given (left out, the files' spec sets tf)
+        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--bn_mode", "pytorch", "--eval_weights", str(dl))
     if cid == "E57":  # TF weights for another backbone
         return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(dl))
     if cid == "E58":  # our checkpoint, trained with the other --bn_mode
@@ -824,9 +844,10 @@ def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
     raise KeyError(cid)
 
 
-# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run faults)
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run faults),
+# 21: E140-E141 (the model spec)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES))
+         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + sorted(MODEL_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():

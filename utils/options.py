@@ -33,6 +33,7 @@ import argparse
 from typing import Sequence
 
 from models.bn_mode import BN_MODES
+from models.heads import HEADS
 from models.resnet_mtl import BACKBONES
 from utils.gpu_tools import AMP_DTYPES
 
@@ -257,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_seed", type=int, default=1, help="seed of the fixed validation / test episodes")
     a("--eval_mode", default="bank", choices=["bank", "episodic"],
       help="bank: encode each image once, batch all episodes (exact, fast); episodic: one episode at a time")
-    flex(a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
-      help="finetune: the base learner's inner loop; centroid: nearest class mean of the features"))
+    flex(a("--eval_classifier", default="finetune", choices=list(HEADS),
+      help="the few-shot head of meta-test (models/heads.py HEADS): finetune = the base learner's inner loop; "
+           "centroid = nearest class mean of the features"))
     a("--hard_task", action="store_true", help="hard-task (HT) meta-batch, paper Alg. 1")
     a("--ht_normal_tasks", type=positive_int, default=None,
       help="normal tasks per meta-batch that feed the failure-class record (default: max(way, meta_batch))")
@@ -314,14 +316,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    probe = build_parser()
-    probe.set_defaults(recipe=None, backbone=None)
-    given, _ = probe.parse_known_args(argv)
-    recipe, source = resolve_recipe(given.recipe, given.backbone)
-    backbone = given.backbone or str(RECIPES[recipe].get("backbone", known.backbone))
+    explicit = _given(argv)
+    recipe, source = resolve_recipe(getattr(known, "recipe") if "recipe" in explicit else None,
+                                    known.backbone if "backbone" in explicit else None)
+    backbone = known.backbone if "backbone" in explicit else str(RECIPES[recipe].get("backbone", known.backbone))
     parser.set_defaults(**recipe_defaults(recipe, backbone), recipe=recipe)
     args = parser.parse_args(argv)
     args.recipe_source = source
+    args._explicit = explicit  # (not a setting: settings_dict leaves it out)
     if args.test_update_step is None:
         args.test_update_step = args.update_step
     if args.test_query is None:
@@ -329,6 +331,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     elif args.test_query == "shot":
         args.test_query = args.shot
     return args
+
+
+_UNSET = object()
+
+
+def _given(argv: Sequence[str] | None) -> frozenset[str]:
+    """The destinations of the flags ``argv`` gives explicitly: parsed with every default replaced by a marker, a
+    destination that no longer holds it was set on the command line (``--first_order`` counts as ``second_order``)."""
+    probe = build_parser()
+    probe.set_defaults(**{a.dest: _UNSET for a in probe._actions if a.default is not argparse.SUPPRESS})
+    given, _ = probe.parse_known_args(argv)
+    return frozenset(k for k, v in vars(given).items() if v is not _UNSET)
+
+
+def explicit_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The settings given on the command line of ``args`` (their destinations, e.g. ``"backbone"``), as opposed to
+    defaults and recipe values. A namespace not made by :func:`parse_args` counts every setting as given."""
+    given = getattr(args, "_explicit", None)
+    return given if given is not None else frozenset(k for k in vars(args) if not k.startswith("_"))
 
 
 def describe_recipe(args: argparse.Namespace) -> str:
@@ -358,5 +379,6 @@ def describe_dataset(args: argparse.Namespace) -> str:
 
 
 def settings_dict(args: argparse.Namespace) -> dict:
-    """The settings as a plain dict (stored in checkpoints and results files)."""
-    return {k: v for k, v in sorted(vars(args).items())}
+    """The settings as a plain dict (stored in checkpoints and results files); ``_``-names are bookkeeping, not
+    settings."""
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}
