@@ -270,7 +270,7 @@ class FewShotHead:
 class FinetuneHead(FewShotHead):
     """The MTL base learner: theta_0 = ``init`` adapted on each task's support by the inner loop (paper Eq. 3,
     :func:`inner_loop`: ``inner.steps`` steps at ``inner.lr`` on ``inner.loss_scale`` x the mean CE), then the query
-    logits ``X W_T^T + b_T``. ``order``: ``first`` (closed form; official PyTorch), ``autograd`` (the per-task
+    logits ``X W_T^T + b_T`` (:meth:`logits`). ``order``: ``first`` (closed form; official PyTorch), ``autograd`` (the per-task
     reference), ``second`` (differentiable through the loop; official TF); default ``second`` if
     ``inner.second_order`` else ``first``. With ``init`` requiring grad (meta-training) the logits carry the outer
     gradient to it (first order: straight through; second order: through the loop).
@@ -300,8 +300,12 @@ class FinetuneHead(FewShotHead):
         return self
 
     def logits(self, feat_q: torch.Tensor) -> torch.Tensor:
+        """Per task ``X_t W_t^T + b_t``: one ``F.linear`` each, so a task's logits and their gradients do not depend on
+        how many tasks are computed together (a meta-batch split over processes, a chunk of the bank), as one batched
+        GEMM's may (its kernel, and so its rounding, can change with the batch count)."""
         with torch.autocast(feat_q.device.type, enabled=False):
-            return torch.baddbmm(self.bias.unsqueeze(1), feat_q.to(self.weight.dtype), self.weight.transpose(1, 2))
+            q = feat_q.to(self.weight.dtype)
+            return torch.stack([F.linear(x, w, b) for x, w, b in zip(q, self.weight, self.bias)])
 
     @classmethod
     def method(cls, kind: str) -> str:

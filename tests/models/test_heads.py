@@ -44,14 +44,19 @@ def test_the_registry_is_the_choices_of_eval_classifier():
 
 @pytest.mark.parametrize("order", ["first", "autograd", "second"])
 def test_finetune_head_is_the_inner_loop_then_the_linear_logits(order):
-    """fit = Eq. 3 from the initialisation (the same inner_loop call), logits = X W_T^T + b_T, bit for bit."""
+    """fit = Eq. 3 from the initialisation (the same inner_loop call), logits = X W_T^T + b_T per task, bit for bit."""
     f_s, y_s, f_q = _tasks()
     w0, b0 = fresh_init(5, 8, seed=2)
     head = make_head("finetune", 5, (w0, b0), InnerLoop(7, 0.3, 5.0), order)
     logits = head.fit(f_s, y_s).logits(f_q)
     w, b = inner_loop(f_s, y_s, w0.expand(3, -1, -1), b0.expand(3, -1), 7, 0.3, order=order, loss_scale=5.0)
     assert logits.shape == (3, 15, 5)
-    assert torch.equal(logits.detach(), torch.baddbmm(b.unsqueeze(1), f_q, w.transpose(1, 2)).detach())
+    by_task = torch.stack([F.linear(f_q[i], w[i], b[i]) for i in range(3)])
+    assert torch.equal(logits.detach(), by_task.detach())
+    # a task's logits do not depend on the tasks fitted with it (one linear map per task)
+    one = make_head("finetune", 5, (w0, b0), InnerLoop(7, 0.3, 5.0), order).fit(f_s[1:2], y_s[1:2]).logits(f_q[1:2])
+    wi, bi = inner_loop(f_s[1:2], y_s[1:2], w0[None], b0[None], 7, 0.3, order=order, loss_scale=5.0)
+    assert torch.equal(one.detach(), F.linear(f_q[1], wi[0], bi[0]).detach()[None])
     assert FinetuneHead(5, (w0, b0), InnerLoop(1, 0.1, second_order=True)).order == "second"
     with pytest.raises(ValueError, match="needs its initialisation"):
         FinetuneHead(5)

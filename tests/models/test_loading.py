@@ -116,7 +116,7 @@ def test_a_checkpoint_with_a_spec_rebuilds_its_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encoder(x), net.encoder.eval()(x), rtol=0, atol=0)
     assert torch.equal(model.head_init(4, 1)[0], net.base_learner.weight)
-    with pytest.raises(UserError, match=r"has a 4-way base learner, but --way is 5$"):
+    with pytest.raises(UserError, match=r"has a 4-way base learner, but --way is 5"):
         model.head_init(5, 1)
     assert ModelSpec.from_dict(spec.to_dict(), "x") == spec
 
@@ -155,7 +155,7 @@ def test_a_checkpoint_from_before_the_spec_gets_one_from_its_args():
 def test_flags_only_verify(expect, message):
     with pytest.raises(UserError) as e:
         read_weights(str(V1 / "meta_conv4_5way1shot.pth"), expect)
-    assert str(e.value).endswith(message)
+    assert message in str(e.value) and "\n" not in str(e.value)
     read_weights(str(V1 / "meta_conv4_5way1shot.pth"), Expect("conv4", "pytorch", 5))  # agreeing flags pass
 
 
@@ -193,7 +193,7 @@ def test_tf_files_give_the_resnet12_of_their_widths(tmp_path):
         read_weights(str(tmp_path), Expect(backbone="conv4"))
     with pytest.raises(UserError, match="TensorFlow weights need --bn_mode tf"):
         read_weights(str(tmp_path), Expect(bn_mode="pytorch"))
-    with pytest.raises(UserError, match=r"fc_weights.npy has a 4-way base learner, but --way is 5$"):
+    with pytest.raises(UserError, match=r"fc_weights.npy has a 4-way base learner, but --way is 5"):
         read_weights(str(tmp_path), Expect(way=5))
 
 
