@@ -108,6 +108,10 @@ def join_processes(args, device):
 def main(argv: Sequence[str] | None = None) -> dict | str:
     from utils.options import describe_dataset, describe_recipe, explicit_flags, parse_args
     args = parse_args(argv)
+    checkpoint_lines = []
+    if args.phase == "meta_eval":  # the model flags left out come from the checkpoint's spec; given ones are checked
+        from trainer.meta import model_flags_from_checkpoint
+        checkpoint_lines = model_flags_from_checkpoint(args)
 
     from utils.gpu_tools import set_gpu
     set_gpu(args.gpu)
@@ -133,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
               f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
     print(describe_dataset(args), flush=True)
+    for line in checkpoint_lines:
+        print(line, flush=True)
     from utils.settings import Settings
     settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
     if args.phase == "pre_train":

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .conv2d_mtl import Conv2dMtl
 
-__all__ = ["BN_MODES", "TF_BN_EPS", "TFBatchNorm2d", "apply_bn_mode", "bn_mode_of", "batch_dependent"]
+__all__ = ["BN_MODES", "TF_BN_EPS", "TFBatchNorm2d", "apply_bn_mode", "batch_dependent"]
 
 BN_MODES = ("pytorch", "tf")
 TF_BN_EPS = 1e-3  # tf.contrib.layers.batch_norm's default epsilon
@@ -74,11 +74,6 @@ def apply_bn_mode(module: nn.Module, mode: str) -> nn.Module:
                     _add_conv_bias(getattr(parent, "conv" + name[2:]))
     module.bn_mode = "tf"
     return module
-
-
-def bn_mode_of(module: nn.Module) -> str:
-    """``tf`` if ``module`` holds a :class:`TFBatchNorm2d`, else ``pytorch``."""
-    return "tf" if any(isinstance(m, TFBatchNorm2d) for m in module.modules()) else "pytorch"
 
 
 def batch_dependent(module: nn.Module) -> bool:

@@ -44,6 +44,7 @@ Backbones (reference §2):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -156,7 +157,6 @@ class BasicBlock(nn.Module):
         self.conv2 = conv(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -336,27 +336,28 @@ class WideResNet(Backbone):
 # ------------------------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One entry of the registry: ``build(mtl, dropout_keep)``, the smallest input side it accepts (every pooling
-    stage keeps >= 1 pixel), and the recipe it was published with (``utils/options.py``: the default recipe when
-    ``--recipe`` is not given)."""
+    """One entry of the registry: ``build(mtl, dropout_keep)`` and the recipe it was published with
+    (``utils/options.py``: the default recipe when ``--recipe`` is not given). The smallest input side it accepts is
+    the built network's ``min_size`` (one home: each class sets it from its own pooling stages), read by
+    :func:`min_image_size`."""
 
     build: Callable[[bool, float], Backbone]
-    min_size: int
     recipe: str
 
 
-# The single list of backbone names: main.py's --backbone choices and every other list are read from it.
+# The single list of backbone names: main.py's --backbone choices and every other list are read from it. Adding a
+# backbone: its class (a Backbone: ``features``, ``out_dim``, ``min_size``, ``name``) and one line here.
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet12": BackboneSpec(lambda mtl, keep: ResNet12((64, 128, 256, 512), mtl, keep, name="resnet12"), 16, "paper"),
+    "resnet12": BackboneSpec(lambda mtl, keep: ResNet12((64, 128, 256, 512), mtl, keep, name="resnet12"), "paper"),
     "resnet12_wide": BackboneSpec(lambda mtl, keep: ResNet12((64, 160, 320, 640), mtl, keep, name="resnet12_wide"),
-                                  16, "paper"),
+                                  "paper"),
     "resnet12_slim": BackboneSpec(lambda mtl, keep: ResNet12((32, 64, 128, 256), mtl, keep, name="resnet12_slim"),
-                                  16, "paper"),
-    "resnet25": BackboneSpec(lambda mtl, keep: ResNet25(mtl, keep, name="resnet25"), 8, "pytorch"),
-    "conv4": BackboneSpec(lambda mtl, keep: Conv4(mtl, keep, name="conv4"), 16, "pytorch"),
-    "resnet18": BackboneSpec(lambda mtl, keep: ResNetTV((2, 2, 2, 2), mtl, keep, name="resnet18"), 8, "pytorch"),
-    "resnet34": BackboneSpec(lambda mtl, keep: ResNetTV((3, 4, 6, 3), mtl, keep, name="resnet34"), 8, "pytorch"),
-    "wrn28_10": BackboneSpec(lambda mtl, keep: WideResNet(28, 10, mtl, keep, name="wrn28_10"), 4, "pytorch"),
+                                  "paper"),
+    "resnet25": BackboneSpec(lambda mtl, keep: ResNet25(mtl, keep, name="resnet25"), "pytorch"),
+    "conv4": BackboneSpec(lambda mtl, keep: Conv4(mtl, keep, name="conv4"), "pytorch"),
+    "resnet18": BackboneSpec(lambda mtl, keep: ResNetTV((2, 2, 2, 2), mtl, keep, name="resnet18"), "pytorch"),
+    "resnet34": BackboneSpec(lambda mtl, keep: ResNetTV((3, 4, 6, 3), mtl, keep, name="resnet34"), "pytorch"),
+    "wrn28_10": BackboneSpec(lambda mtl, keep: WideResNet(28, 10, mtl, keep, name="wrn28_10"), "pytorch"),
 }
 
 
@@ -365,10 +366,13 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
+@functools.lru_cache(maxsize=None)
 def min_image_size(name: str) -> int:
-    """Smallest square input side (px) the backbone accepts (every pooling stage keeps >= 1 pixel)."""
+    """Smallest square input side (px) the backbone accepts (every pooling stage keeps >= 1 pixel): the ``min_size``
+    of the network its builder makes (built on the meta device: no memory, no random numbers drawn)."""
     _check_name(name)
-    return BACKBONES[name].min_size
+    with torch.device("meta"):
+        return BACKBONES[name].build(False, 1.0).min_size
 
 
 def build_backbone(name: str, mtl: bool, dropout_keep: float = 1.0) -> Backbone:

@@ -43,47 +43,25 @@ any of it runs). They are written (:func:`save_tf_weights`, the exporter ``pytho
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoint import load_strict
 from utils.errors import UserError
 from utils.misc import atomic_write
 from utils.safe_pickle import load_object_npy
 
-from .mtl import MetaLearner
-from .resnet_mtl import ResNet12
+from .resnet_mtl import BACKBONES, ResNet12, build_backbone
+from .spec import Expect, ModelSpec, Weights
 
-__all__ = ["TF_FILES", "MtlLearner", "TFWeights", "is_tf_weights", "tf_folder", "resnet12_widths", "read_tf_weights",
-           "tf_to_state_dicts", "state_dicts_to_tf", "save_tf_weights", "load_tf_learner"]
+__all__ = ["TF_FILES", "TENSORFLOW", "is_tf_weights", "tf_folder", "resnet12_widths", "read_tf_weights",
+           "read_tf_model", "tf_to_state_dicts", "state_dicts_to_tf", "save_tf_weights"]
 
 TF_FILES = ("weights.npy", "ss_weights.npy", "fc_weights.npy")
+TENSORFLOW = "TensorFlow"  # the source named by models.spec.Weights.source
 BLOCKS = 4
 CONVS = 3
-
-
-class MtlLearner(MetaLearner):
-    """The official code's name for the meta model: a :class:`models.mtl.MetaLearner` (a subclass, nothing added)
-    whose defaults are the TF model's, ``backbone="resnet12"`` and ``bn_mode="tf"``.
-    ``encode(x)``: (B, 3, 84, 84) pixels in [0, 1] -> (B, 512); ``base_learner`` = Linear(512, way) holding
-    ``w5^T`` / ``b5``."""
-
-    def __init__(self, backbone: str = "resnet12", way: int = 5, bn_mode: str = "tf") -> None:
-        super().__init__(backbone, way=way, bn_mode=bn_mode)
-
-
-@dataclass(frozen=True)
-class TFWeights:
-    """TF files read into our state dicts. ``kind``: ``meta`` (all three files: SS encoder + base learner) or
-    ``pre`` (``weights.npy`` only: a plain encoder, and ``head`` = the pre-train classifier if it holds ``w5``)."""
-
-    kind: str
-    encoder: dict[str, torch.Tensor]
-    head: dict[str, torch.Tensor] | None
-    folder: str
 
 
 def is_tf_weights(path: str) -> bool:
@@ -195,7 +173,7 @@ def tf_to_state_dicts(weights: dict[str, np.ndarray], ss: dict[str, np.ndarray] 
     return enc, head
 
 
-def read_tf_weights(path: str, encoder: nn.Module, parts: str = "auto") -> TFWeights:
+def read_tf_weights(path: str, encoder: nn.Module, parts: str = "auto") -> Weights:
     """Read the TF files named by ``path`` (a folder or its ``weights.npy``) for ``encoder`` (a ResNet-12, whose
     widths fix the shapes), strictly.
 
@@ -205,10 +183,16 @@ def read_tf_weights(path: str, encoder: nn.Module, parts: str = "auto") -> TFWei
     """
     folder = tf_folder(path)
     widths = resnet12_widths(encoder, path)
+    return _read_checked(folder, _read_dict(os.path.join(folder, "weights.npy")), encoder.name, widths, parts)
+
+
+def _read_checked(folder: str, weights: dict[str, np.ndarray], backbone: str, widths: tuple[int, ...],
+                  parts: str) -> Weights:
+    """The files of ``folder`` (``weights`` = its ``weights.npy``, read) checked key by key against a ResNet-12 of
+    ``widths`` (``backbone``), as :class:`models.spec.Weights` with the TF model's spec."""
     exp_w, exp_ss = _expected(widths)
     d = widths[-1]
     wpath = os.path.join(folder, "weights.npy")
-    weights = _read_dict(wpath)
     _check(weights, exp_w, wpath, optional={"w5": (d, None), "b5": (None,)})
     if ("w5" in weights) != ("b5" in weights):
         raise UserError(f"TensorFlow weights {wpath}: missing key {'b5' if 'w5' in weights else 'w5'}")
@@ -219,7 +203,9 @@ def read_tf_weights(path: str, encoder: nn.Module, parts: str = "auto") -> TFWei
     have = [os.path.isfile(p) for p in (ss_path, fc_path)]
     if parts == "pre" or not any(have):
         enc, head = tf_to_state_dicts(weights)
-        return TFWeights("pre", enc, head, folder)
+        spec = ModelSpec(kind="pre", backbone=backbone, bn_mode="tf", pre_head="linear" if head else None,
+                         num_classes=int(head["weight"].shape[0]) if head else None)
+        return Weights(spec, enc, head, TENSORFLOW, wpath)
     if not all(have):
         raise UserError(f"{folder} holds {TF_FILES[1] if have[0] else TF_FILES[2]} but not "
                         f"{TF_FILES[2] if have[0] else TF_FILES[1]} (a meta-trained TensorFlow model needs "
@@ -232,7 +218,56 @@ def read_tf_weights(path: str, encoder: nn.Module, parts: str = "auto") -> TFWei
         raise UserError(f"TensorFlow weights {fc_path}: key b5 has shape {tuple(fc['b5'].shape)}, the model needs "
                         f"({fc['w5'].shape[1]},)")
     enc, head = tf_to_state_dicts(weights, ss, fc)
-    return TFWeights("meta", enc, head, folder)
+    spec = ModelSpec(kind="meta", backbone=backbone, bn_mode="tf", way=int(head["weight"].shape[0]),
+                     shortcut_ss=False)
+    return Weights(spec, enc, head, TENSORFLOW, fc_path)
+
+
+def _meta_device_backbone(name: str) -> nn.Module:
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        return build_backbone(name, mtl=False)
+
+
+def _resnet12_family() -> dict[str, tuple[int, ...]]:
+    """Registered backbone name -> block widths, for every ResNet-12 of :data:`models.resnet_mtl.BACKBONES`."""
+    nets = {name: _meta_device_backbone(name) for name in BACKBONES}
+    return {name: resnet12_widths(net, name) for name, net in nets.items() if isinstance(net, ResNet12)}
+
+
+def _detect_widths(weights: dict[str, np.ndarray]) -> str:
+    """The ResNet-12 whose shapes the most keys of ``weights.npy`` have (``resnet12`` on a tie): the files name no
+    backbone. A file that fits none exactly is then refused by the strict check, naming its first wrong key."""
+    def fitting(widths: tuple[int, ...]) -> int:
+        return sum(1 for k, shape in _expected(widths)[0].items()
+                   if k in weights and tuple(weights[k].shape) == shape)
+    family = _resnet12_family()
+    return max(family, key=lambda name: (fitting(family[name]), name == "resnet12"))
+
+
+def read_tf_model(path: str, expect: Expect | None = None, parts: str = "auto") -> Weights:
+    """The TF adapter of ``models/loading.py``: the folder (or its ``weights.npy``) named by ``path``, with the spec
+    of the TF model: the ResNet-12 of the widths the files hold (or the one ``--backbone`` names), ``--bn_mode tf``,
+    no SS on the shortcut (``shortcut_ss`` off), the base learner's way from ``fc_weights.npy``.
+
+    Checked in this order: the files are there (E59, E50); a ``--backbone`` given that is no ResNet-12 (E57); a
+    ``--bn_mode`` given other than tf (E56); every key and shape (E51-E54); a ``--way`` given that the base learner
+    does not have (E31). ``Weights.path`` is ``fc_weights.npy`` for a meta model, ``weights.npy`` for a pre one."""
+    folder = tf_folder(path)
+    expect = expect or Expect()
+    try:
+        widths = resnet12_widths(_meta_device_backbone(expect.backbone), path) if expect.backbone else None
+    except UserError as e:  # one line naming every flag to change
+        if expect.bn_mode is None or expect.bn_mode == "tf":
+            raise
+        raise UserError(f"{e}, and pass --bn_mode tf (the TF code's BatchNorm)") from None
+    if expect.bn_mode is not None and expect.bn_mode != "tf":
+        raise UserError(f"{path}: TensorFlow weights need --bn_mode tf (the TF code's BatchNorm: batch statistics "
+                        "at train and test, no scale or shift); pass --bn_mode tf")
+    weights = _read_dict(os.path.join(folder, "weights.npy"))
+    backbone = expect.backbone or _detect_widths(weights)
+    out = _read_checked(folder, weights, backbone, widths or _resnet12_family()[backbone], parts)
+    out.spec.check_way(expect.way, out.path)
+    return out
 
 
 def state_dicts_to_tf(encoder_sd: dict[str, torch.Tensor], head_sd: dict[str, torch.Tensor] | None, kind: str,
@@ -289,23 +324,3 @@ def save_tf_weights(folder: str, files: dict[str, dict[str, np.ndarray]]) -> lis
         atomic_write(path, lambda f, d=d: np.save(f, d, allow_pickle=True), binary=True)
         out.append(path)
     return out
-
-
-def load_tf_learner(folder: str, way: int) -> MtlLearner:
-    """The TF meta-trained model in ``folder`` (``weights.npy``, ``ss_weights.npy``, ``fc_weights.npy``) as an
-    :class:`MtlLearner` (ResNet-12 with SS convs, TF BatchNorm), in ``eval()`` mode on the CPU.
-
-    ``encode(x)``: (B, 3, 84, 84) pixels in [0, 1] -> (B, 512); ``base_learner.weight`` / ``.bias`` hold
-    ``w5^T`` (way, 512) / ``b5`` (way,).
-    """
-    model = MtlLearner("resnet12", way=way)
-    tf = read_tf_weights(folder, model.encoder)
-    if tf.kind != "meta":
-        raise UserError(f"{tf.folder} holds only weights.npy; a meta-trained TensorFlow model needs "
-                        f"{', '.join(TF_FILES)}")
-    if tf.head["weight"].shape[0] != way:
-        raise UserError(f"TensorFlow weights {os.path.join(tf.folder, TF_FILES[2])} are {tf.head['weight'].shape[0]}"
-                        f"-way, but way is {way}")
-    load_strict(model.encoder, tf.encoder, f"TensorFlow weights {tf.folder}")
-    load_strict(model.base_learner, tf.head, f"TensorFlow base learner {tf.folder}")
-    return model.eval()

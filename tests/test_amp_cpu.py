@@ -45,7 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_features_under_forced_bf16_stay_within_the_bf16_tolerance(mtl):
     from data_generator.dataset_loader import ImageSet
     from models.resnet_mtl import build_backbone
-    from trainer.evaluate import encode_split
+    from models.evaluate import encode_split
     torch.manual_seed(0)
     enc = build_backbone("conv4", mtl=mtl)
     rng = np.random.default_rng(0)
@@ -66,9 +66,9 @@ def test_features_under_forced_bf16_stay_within_the_bf16_tolerance(mtl):
 def test_meta_forward_runs_the_inner_loop_and_query_logits_in_float32_under_autocast(monkeypatch):
     """Only the encoder runs in bfloat16: the inner loop sees float32 features with autocast off, and the query
     logits are float32 (as on CUDA)."""
-    import models.mtl as mtl
+    import models.heads as heads
     seen = []
-    real = mtl.inner_loop
+    real = heads.inner_loop
 
     def spy(feat_s, y_s, weight, bias, *a, **k):
         seen.append((feat_s.dtype, weight.dtype, bias.dtype, torch.is_autocast_enabled("cpu")))
@@ -76,7 +76,7 @@ def test_meta_forward_runs_the_inner_loop_and_query_logits_in_float32_under_auto
         seen.append((w.dtype, b.dtype))
         return w, b
 
-    monkeypatch.setattr(mtl, "inner_loop", spy)
+    monkeypatch.setattr(heads, "inner_loop", spy)
     torch.manual_seed(0)
     model = MetaLearner("conv4", way=5)
     x = torch.rand(2, 10, 3, 16, 16)

@@ -229,6 +229,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return distributed_case(cid, c, monkeypatch)
     if cid in RUN_CASES:
         return RUN_CASES[cid](c, monkeypatch)
+    if cid in MODEL_CASES:
+        return MODEL_CASES[cid](c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in DATA_CASES:
@@ -757,6 +759,24 @@ def _e109(c, mp):  # SIGHUP (the terminal closed) during meta_eval
 RUN_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(90, 110)}
 
 
+# ------------------------------------- issue 21, the model spec and the one loader (E140-E141; models/loading.py)
+def _e140(c, mp):  # the official {'params': ...} of a resnet12_slim, --backbone conv4 given
+    from models.resnet_mtl import build_backbone
+    torch.manual_seed(0)
+    enc = build_backbone("resnet12_slim", mtl=True)
+    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({"base_learner.fc1_w": torch.zeros(5, 256), "base_learner.fc1_b": torch.zeros(5)})
+    torch.save({"params": sd}, c.tmp / "official_meta.pth")
+    return c.argv(*EVAL, "--eval_weights", str(c.tmp / "official_meta.pth"))
+
+
+def _e141(c, mp):  # a checkpoint whose model spec is of a newer version of this program
+    return c.argv(*EVAL, "--eval_weights", c.edited_checkpoint(lambda ck: ck["spec"].update(version=2)))
+
+
+MODEL_CASES = {"E140": _e140, "E141": _e141}
+
+
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
 
@@ -787,8 +807,8 @@ def tf_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         arr[()] = w
         np.save(dl / "weights.npy", arr, allow_pickle=True)
         c.after = lambda: not marker.exists()
-    if cid == "E56":  # TF weights without --bn_mode tf
-        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--eval_weights", str(dl))
+    if cid == "E56":  # TF weights with --bn_mode pytorch given (left out, the files' spec sets tf)
+        return c.argv(*EVAL, "--backbone", "resnet12_slim", "--bn_mode", "pytorch", "--eval_weights", str(dl))
     if cid == "E57":  # TF weights for another backbone
         return c.argv(*EVAL, "--bn_mode", "tf", "--eval_weights", str(dl))
     if cid == "E58":  # our checkpoint, trained with the other --bn_mode
@@ -931,10 +951,16 @@ def test_a_missing_split_folder_names_the_flag_that_gave_it(flag, phase, world, 
 
 
 def test_tf_weights_for_another_backbone_without_bn_mode_name_both_flags(world, tmp_path, capsys):
+    """Both flags to change in one line where both are wrong: meta-train checks every model flag against its start
+    file, meta-test the ones given (left out, --bn_mode comes from the files: then only --backbone is named)."""
     c = Case(world, tmp_path)
     official_files(str(c.tmp / "dl"), widths=SLIM)
-    _one_line(*run_cli(c.argv(*EVAL, "--eval_weights", str(c.tmp / "dl")), capsys),
+    _one_line(*run_cli(c.argv(*EVAL, "--eval_weights", str(c.tmp / "dl"), "--bn_mode", "pytorch"), capsys),
               "use --backbone resnet12", "not conv4, and pass --bn_mode tf")
+    _one_line(*run_cli(c.argv(*META, "--meta_label", "tf", "--init_weights", str(c.tmp / "dl")), capsys),
+              "use --backbone resnet12", "not conv4, and pass --bn_mode tf")
+    line = _one_line(*run_cli(c.argv(*EVAL, "--eval_weights", str(c.tmp / "dl")), capsys), "use --backbone resnet12")
+    assert "bn_mode" not in line
 
 
 def test_init_weights_at_pre_train_is_refused(world, tmp_path, capsys):
@@ -970,10 +996,10 @@ def test_useless_flags_warn_in_one_line_and_the_run_goes_on(case, world, tmp_pat
     assert len(notes) == 1 and notes[0].startswith(expect), out
 
 
-# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E87 (reading data), E90-E109 (run
-# faults), E110-E126 (flags; E127-E129 run_experiment)
+# issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E89 (reading data), E90-E109 (run
+# faults), E110-E126 (flags; E127-E129 run_experiment), 21: E140-E141 (the model spec)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS)
+         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS + sorted(MODEL_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():

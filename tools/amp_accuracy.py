@@ -8,8 +8,8 @@ or the run folder picks the checkpoint, ``--meta_test_dir`` / ``--dataset_dir`` 
 ``--num_test_episodes`` the episodes). The split is encoded twice, with ``--amp`` off and with
 ``--amp --amp_dtype bfloat16`` (bfloat16 forced, so on a CPU without native bfloat16 it is emulated: the numbers
 are the same as with native support, only slower); both passes then run the same evaluation
-on the same episodes (the feature bank, ``--eval_mode bank``: each image encoded once, :func:`trainer.evaluate.encode_split`
-and :func:`trainer.evaluate.evaluate_bank`, as ``main.py --phase meta_eval``). Printed and written to ``--out``: each precision's mean
+on the same episodes (the feature bank, ``--eval_mode bank``: each image encoded once, :func:`models.evaluate.encode_split`
+and :func:`models.evaluate.evaluate_bank`, as ``main.py --phase meta_eval``). Printed and written to ``--out``: each precision's mean
 ± 95% interval, the paired per-episode difference (bf16 - fp32, points) with its 95% interval
 (``1.96 * std / sqrt(E)`` of the differences), how many episodes scored the same, the features' largest relative
 difference ``max |f_bf16 - f_fp32| / max |f_fp32|``, and each pass's encode and evaluate seconds.
@@ -27,9 +27,12 @@ import torch
 
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.meta_data_generator import fixed_episodes
+from models.evaluate import encode_split, evaluate_bank
+from models.heads import make_head
+from models.loading import load
+from models.spec import Expect
 from trainer.base import DataBundle
-from trainer.evaluate import encode_split, evaluate_bank
-from trainer.meta import load_for_eval
+from trainer.meta import eval_checkpoint, model_flags_from_checkpoint
 from utils.gpu_tools import pick_device
 from utils.misc import mean_ci, write_json_atomic
 from utils.options import parse_args
@@ -51,14 +54,18 @@ def paired(acc_fp32: np.ndarray, acc_bf16: np.ndarray) -> dict[str, Any]:
 def measure(main_argv: Sequence[str], device_name: str = "cpu") -> dict[str, Any]:
     """Meta-test one checkpoint in fp32 and bf16 on the same episodes (see the module docstring)."""
     args = parse_args(["--phase", "meta_eval", *main_argv])
+    for line in model_flags_from_checkpoint(args):  # the model flags left out come from the checkpoint, as main.py
+        print(line, flush=True)
     settings = Settings.from_args(args)
     device = pick_device(device_name)
     ev = settings.test
-    path = args.eval_weights or settings.paths.meta_checkpoint
+    path = eval_checkpoint(args)
     data = DataBundle(settings.data)
     test_set = data.load("test")
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
-    encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device)
+    model = load(path, device, Expect.from_args(args, only={"backbone", "bn_mode", "way"}))
+    encoder, kind = model.encoder, model.kind
+    head = make_head(ev.classifier, ev.way, model.head_init(ev.way, ev.seed), ev.inner, order="first")
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     out: dict[str, Any] = {"checkpoint": path, "kind": kind, "test_images": int(len(test_set.labels)),
                            "way": ev.way, "shot": ev.shot, "query": ev.query, "inner_steps": ev.inner.steps,
@@ -69,8 +76,7 @@ def measure(main_argv: Sequence[str], device_name: str = "cpu") -> dict[str, Any
         t0 = time.perf_counter()
         feats[name] = encode_split(encoder, test_set, data.eval_transform, device, ev.batch_size, mode)
         t1 = time.perf_counter()
-        accs[name] = evaluate_bank(feats[name], episodes, ev.way, ev.shot, w, b, ev.inner.steps, ev.inner.lr,
-                                   ev.classifier, ev.inner.loss_scale)
+        accs[name] = evaluate_bank(feats[name], episodes, ev.way, ev.shot, head)
         mean, ci = mean_ci(accs[name])
         out[name] = {"mean": 100 * mean, "ci95": 100 * ci, "encode_seconds": t1 - t0,
                      "evaluate_seconds": time.perf_counter() - t1}

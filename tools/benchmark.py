@@ -67,16 +67,18 @@ import run_experiment
 from data_generator.dataset_loader import load_split, split_spec
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
+from models.evaluate import encode_split, evaluate_bank, evaluate_episodic
+from models.heads import fresh_init, make_head
+from models.loading import load
 from models.mtl import MetaLearner, PreLearner
 from models.resnet_mtl import BACKBONES, build_backbone, min_image_size
 from trainer.base import DataBundle
-from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
-from trainer.meta import MetaTrainer, load_for_eval
+from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.gpu_tools import autocast, cpu_bf16_feature, pick_device
 from utils.misc import Timer, write_json_atomic
 from utils.options import parse_args
-from utils.settings import Settings
+from utils.settings import InnerLoop, Settings
 
 BF16 = "bfloat16"                             # the bf16 rows: utils.gpu_tools.amp_mode, forced
 BF16_FLAGS = ["--amp", "--amp_dtype", BF16]  # main.py's flags for it
@@ -317,15 +319,17 @@ def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.
     b.sync()
     t = time.perf_counter()
     feats = encode_split(encoder, imageset, transform, b.device, batch_size, amp)
+    inner = InnerLoop(steps, lr, loss_scale)  # the finetune head: closed form on the bank, autograd per episode
     b.sync()
     t_enc = time.perf_counter() - t
-    accs_bank = evaluate_bank(feats, episodes, way, shot, w, bias, steps, lr, loss_scale=loss_scale)
+    accs_bank = evaluate_bank(feats, episodes, way, shot, make_head("finetune", way, (w, bias), inner, "first"))
     b.sync()
     t_bank = time.perf_counter() - t
     n_ep = min(n_episodic, len(episodes))
     t = time.perf_counter()
-    accs_epi = evaluate_episodic(encoder, imageset, transform, episodes[:n_ep], way, shot, w, bias, steps, lr,
-                                 b.device, loss_scale=loss_scale, amp=amp)
+    accs_epi = evaluate_episodic(encoder, imageset, transform, episodes[:n_ep], way, shot,
+                                 make_head("finetune", way, (w, bias), inner, "autograd"),
+                                 b.device, amp=amp)
     b.sync()
     t_epi = time.perf_counter() - t
     diff = np.abs(accs_bank[:n_ep] - accs_epi)
@@ -372,8 +376,9 @@ def glyph_encoder(b: Bench, cfg: dict, pack: str, log_root: str, checkpoint: str
     chaotic in float32, and any two implementations disagree on some episodes. See docs/BENCHMARKS.md.)"""
     demo = run_experiment.demo_settings()
     if checkpoint:
-        enc, w, bias, kind = load_for_eval(checkpoint, demo["backbone"], cfg["way"], demo.get("eval_seed", 1), b.device)
-        return enc, w, bias, f"checkpoint {checkpoint} ({kind})"
+        model = load(checkpoint, b.device)  # the model its spec describes
+        w, bias = model.head_init(cfg["way"], demo.get("eval_seed", 1))
+        return model.encoder, w, bias, f"checkpoint {checkpoint} ({model.kind})"
     keep = ("backbone", "image_size", "preprocess", "pre_augment", "seed", "pre_optimizer", "pre_lr",
             "pre_custom_weight_decay", "pre_batch_size", "pre_head", "pre_dropout_keep")
     flags = []
@@ -390,7 +395,7 @@ def glyph_encoder(b: Bench, cfg: dict, pack: str, log_root: str, checkpoint: str
         batches += tr.stream.epoch()
     for idx in batches[:cfg["glyph_pretrain_steps"]]:
         tr.train_step(*tr.load_batch(idx))
-    w, bias = init_head(cfg["way"], tr.model.encoder.out_dim, args.eval_seed)
+    w, bias = fresh_init(cfg["way"], tr.model.encoder.out_dim, args.eval_seed)
     return tr.model.encoder, w.to(b.device), bias.to(b.device), \
         f"the DEMO's pre-training, {cfg['glyph_pretrain_steps']} steps of batch {args.pre_batch_size}, fresh head"
 

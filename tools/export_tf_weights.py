@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models.loading import read_weights
 from models.tf_weights import save_tf_weights, state_dicts_to_tf
-from utils.checkpoint import load_checkpoint, read_weights
 from utils.errors import UserError
 
 
 def export(checkpoint: str, out_dir: str) -> list[str]:
     """Write the TF files of ``checkpoint`` into ``out_dir``; returns the paths written."""
-    ck = load_checkpoint(checkpoint)
-    kind, enc, head = read_weights(ck, checkpoint)
-    return save_tf_weights(out_dir, state_dicts_to_tf(enc, head, kind, checkpoint))
+    weights = read_weights(checkpoint)  # (the same adapters as models.load; the state dicts as the file has them)
+    return save_tf_weights(out_dir, state_dicts_to_tf(weights.encoder, weights.head, weights.kind, checkpoint))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,10 @@ import torch
 from data_generator.meta_data_generator import fixed_episodes
 from tools.benchmark import synthetic_split
 from trainer.base import DataBundle
-from trainer.evaluate import encode_split, evaluate_bank
-from trainer.meta import load_for_eval
+from models.evaluate import encode_split, evaluate_bank
+from models.heads import make_head
+from models.loading import load
+from models.spec import Expect
 from utils.misc import mean_ci, write_json_atomic
 from utils.options import parse_args
 from utils.settings import RunPaths, Settings
@@ -132,12 +134,12 @@ def amp_eval_of(run: dict, cfg: dict) -> dict[str, Any]:
     data = DataBundle(settings.data)
     test = data.load("test")
     episodes = fixed_episodes(test.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
-    enc, w, b, _ = load_for_eval(run["meta_checkpoint"], "resnet12", ev.way, ev.seed, device)
+    model = load(run["meta_checkpoint"], device, Expect(backbone="resnet12", way=ev.way))
+    head = make_head("finetune", ev.way, model.head_init(ev.way, ev.seed), ev.inner, order="first")
     accs = {}
     for amp in (False, True):
-        feats = encode_split(enc, test, data.eval_transform, device, ev.batch_size, amp)
-        accs[amp] = evaluate_bank(feats, episodes, ev.way, ev.shot, w, b, ev.inner.steps, ev.inner.lr,
-                                  loss_scale=ev.inner.loss_scale)
+        feats = encode_split(model.encoder, test, data.eval_transform, device, ev.batch_size, amp)
+        accs[amp] = evaluate_bank(feats, episodes, ev.way, ev.shot, head)
     diff = 100 * (accs[True] - accs[False])
     mean, ci = mean_ci(diff / 100)
     return {"fp32_mean": 100 * float(accs[False].mean()), "amp_mean": 100 * float(accs[True].mean()),

@@ -30,6 +30,7 @@ from data_generator.dataset_loader import (FOLDERS, ImageSet, SplitSpec, check_e
 from data_generator.hygiene import SplitSummary, duplicate_classes, split_overlap
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
+from models.spec import ModelSpec
 from utils import distributed
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
 from utils.errors import UserError
@@ -229,6 +230,7 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------- to implement
     max_epoch: int
+    spec: ModelSpec  # the model's, with the input it is trained on (set by build; written into every checkpoint)
 
     def build(self) -> None:
         raise NotImplementedError
@@ -257,8 +259,11 @@ class BaseTrainer:
         return fixed_episodes(imageset.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
 
     def checkpoint(self, epoch: int, val_acc: float) -> dict[str, Any]:
+        """A model checkpoint (``max_acc.pth``, ``last.pth``, ``epoch<N>.pth``): the weights and ``"spec"``, the
+        model's :class:`models.spec.ModelSpec` (``self.spec``, set by ``build``), from which ``models.load`` rebuilds
+        it; ``backbone`` and ``args`` stay for the readers of files from before the spec."""
         ck = {"format": FORMAT, "kind": self.kind, "backbone": self.args.backbone,
-              "args": settings_dict(self.args), "epoch": epoch, "val_acc": val_acc}
+              "args": settings_dict(self.args), "epoch": epoch, "val_acc": val_acc, "spec": self.spec.to_dict()}
         ck.update(self.model_checkpoint())
         return ck
 

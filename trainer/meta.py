@@ -3,7 +3,7 @@
 One meta-training step, as the data flows::
 
     sampler -> (support, query) images -> encoder with SS convs -> features
-            -> inner loop fits the base learner on the support (Eq. 3, models.mtl.inner_loop)
+            -> the finetune head fits the base learner on the support (Eq. 3, models.heads.FinetuneHead, inner_loop)
             -> query logits at the adapted weights -> query loss
             -> Adam on {SS, BN affine} at meta_lr1 and on the base learner's initialisation at meta_lr2 (Eq. 4-5)
 
@@ -16,6 +16,7 @@ episodes on the test classes and reports the mean with its 95% interval.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,53 +25,21 @@ from tqdm import tqdm
 
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.meta_data_generator import CategoriesSampler, Task, by_class, fixed_episodes
-from models.bn_mode import apply_bn_mode
+from models.evaluate import evaluate
+from models.heads import HEADS
+from models.loading import init_meta_model, load, read_weights
 from models.mtl import MetaLearner
-from models.resnet_mtl import build_backbone
-from models.tf_weights import TFWeights, is_tf_weights, read_tf_weights, resnet12_widths, tf_folder
+from models.spec import Expect
+from models.tf_weights import TENSORFLOW, is_tf_weights, tf_folder
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
-from trainer.evaluate import evaluate, init_head
 from trainer.hard_tasks import HardTaskPlanner
 from utils import distributed
-from utils.checkpoint import check_finite_weights, load_checkpoint, load_strict, read_weights
 from utils.errors import UserError
 from utils.finite import all_finite, describe_nonfinite
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
 from utils.misc import Averager, Timer, WriteError, format_acc, remove_orphaned_temporaries, write_json_atomic
-from utils.options import settings_dict
-from utils.settings import EvalSettings, Settings
-
-SS_KEYS = ("mtl_weight", "mtl_bias")
-
-
-def check_backbone(ck: dict, backbone: str, path: str, bn_mode: str = "pytorch") -> None:
-    """A one-line error when a checkpoint says it was trained with another backbone or BatchNorm mode."""
-    if "backbone" in ck and ck["backbone"] != backbone:
-        raise UserError(f"checkpoint {path} was trained with --backbone {ck['backbone']}, "
-                        f"not {backbone}; pass --backbone {ck['backbone']}")
-    stored = ck.get("args") if isinstance(ck.get("args"), dict) else {}
-    trained = stored.get("bn_mode", "pytorch")  # checkpoints from before --bn_mode: pytorch
-    if "format" in ck and trained != bn_mode:
-        raise UserError(f"checkpoint {path} was trained with --bn_mode {trained}, not {bn_mode}; "
-                        f"pass --bn_mode {trained}")
-
-
-def read_tf(path: str, encoder: torch.nn.Module, bn_mode: str, parts: str) -> TFWeights:
-    """TF ``.npy`` weights (:func:`models.tf_weights.read_tf_weights`); they need a ResNet-12 and the TF BatchNorm.
-
-    The files are checked first (a folder without ``weights.npy`` says so, not "pass --bn_mode tf"), then the
-    backbone and the BatchNorm mode together, so that one message names every flag to change."""
-    tf_folder(path)
-    try:
-        resnet12_widths(encoder, path)
-    except UserError as e:
-        if bn_mode == "tf":
-            raise
-        raise UserError(f"{e}, and pass --bn_mode tf (the TF code's BatchNorm)") from None
-    if bn_mode != "tf":
-        raise UserError(f"{path}: TensorFlow weights need --bn_mode tf (the TF code's BatchNorm: batch statistics "
-                        "at train and test, no scale or shift); pass --bn_mode tf")
-    return read_tf_weights(path, encoder, parts)
+from utils.options import explicit_flags, settings_dict
+from utils.settings import EvalSettings, RunPaths, Settings
 
 
 def _listing(names: list[str], most: int = 4) -> str:
@@ -121,6 +90,7 @@ class MetaTrainer(BaseTrainer):
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.meta_val)
         self.model = MetaLearner(a.backbone, way=a.way, bn_mode=a.bn_mode,
                                  shortcut_ss=a.shortcut_ss == "on").to(self.device)
+        self.spec = replace(self.model.spec, image_size=a.image_size, preprocess=a.preprocess)
         self.load_pretrained()
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -141,6 +111,9 @@ class MetaTrainer(BaseTrainer):
             os.unlink(self.hard.log_path)
 
     def load_pretrained(self) -> None:
+        """Meta-training's start (``--init_weights``, else the pre-train run's checkpoint): any file
+        :func:`models.loading.read_weights` reads, whose spec must agree with this run's ``--backbone``,
+        ``--bn_mode`` and ``--way`` (the flags define the run: its folder is named after them)."""
         a = self.args
         if a.init_weights == "scratch":  # the paper's "no pre-training" ablation: SS on a random backbone
             print(f"meta-train starts from a randomly initialised {a.backbone} (--init_weights scratch)", flush=True)
@@ -148,24 +121,17 @@ class MetaTrainer(BaseTrainer):
         path = a.init_weights or self.settings.paths.pre_checkpoint(a.pre_init_epoch)
         if a.init_weights:
             check_weights_path(path, "--init_weights")
-        if a.init_weights and is_tf_weights(path):
-            # TF folder / weights.npy: meta-training starts from weights.npy (the pre-trained encoder), with fresh SS
-            # and base learner, as the TF META_LOAD (tensorflow/trainer/meta.py L82-94); the SS shift starts at the
-            # pre-trained bias there, here Phi_S2 = 0 on the frozen bias: the same effective bias b + Phi_S2
-            tf = read_tf(path, self.model.encoder, a.bn_mode, parts="pre")
-            load_strict(self.model.encoder, tf.encoder, f"TensorFlow weights {tf.folder}", allow_missing=SS_KEYS)
-            print(f"meta-train starts from {tf.folder}/weights.npy (TensorFlow pre-trained weights)", flush=True)
-            return
-        if not os.path.isfile(path):
+        elif not os.path.isfile(path):
             self.missing_pre_checkpoint(path)
-        ck = load_checkpoint(path)
-        check_backbone(ck, a.backbone, path, a.bn_mode)
-        kind, enc, head = read_weights(ck, path)
-        load_strict(self.model.encoder, enc, f"pre-trained checkpoint {path}",
-                    allow_missing=SS_KEYS if kind == "pre" else ())
-        if kind == "meta":  # continue from meta-trained weights (e.g. META_LOAD with downloaded weights)
-            load_strict(self.model.base_learner, head, f"base learner of {path}")
-        print(f"meta-train starts from {path} ({kind})", flush=True)
+        # TF folder / weights.npy: meta-training starts from weights.npy (the pre-trained encoder), with fresh SS and
+        # base learner, as the TF META_LOAD (tensorflow/trainer/meta.py L82-94); the SS shift starts at the
+        # pre-trained bias there, here Phi_S2 = 0 on the frozen bias: the same effective bias b + Phi_S2
+        weights = read_weights(path, Expect(a.backbone, a.bn_mode, a.way), parts="pre")
+        init_meta_model(self.model, weights)
+        if weights.source == TENSORFLOW:
+            print(f"meta-train starts from {weights.path} (TensorFlow pre-trained weights)", flush=True)
+        else:
+            print(f"meta-train starts from {path} ({weights.kind})", flush=True)
 
     def missing_pre_checkpoint(self, path: str) -> None:
         """The pre-train checkpoint meta_train would start from is not there: one line saying which snapshots the
@@ -332,45 +298,60 @@ class MetaTrainer(BaseTrainer):
 
 
 # --------------------------------------------------------------------- meta-test
-def load_for_eval(path: str, backbone: str, way: int, eval_seed: int, device: torch.device,
-                  bn_mode: str = "pytorch"):
-    """Build the encoder and the base learner's initialisation from a checkpoint.
+def eval_checkpoint(args) -> str:
+    """The checkpoint ``meta_eval`` tests: ``--eval_weights``, else the meta run's best (``max_acc.pth``)."""
+    return args.eval_weights or RunPaths.from_args(args).meta_checkpoint
 
-    A meta checkpoint (ours or the official ``{'params': ...}`` of the meta phase, or a TF folder with all three
-    ``.npy`` files) gives the SS encoder and the meta-learned initialisation theta. A pre-train checkpoint (or a
-    TF folder with ``weights.npy`` only) gives the plain encoder and a fresh head
-    (:func:`trainer.evaluate.init_head` with ``eval_seed``): the paper's "FT" baseline (pre-trained backbone,
-    fine-tuned linear base learner, no meta-training). ``bn_mode``: the encoder's BatchNorm (``models/bn_mode.py``).
 
-    Returns:
-        ``(encoder, init_w (way, D), init_b (way,), kind)`` with kind ``"meta"`` or ``"pre"``.
-    """
-    if is_tf_weights(path):
-        tf = read_tf(path, build_backbone(backbone, mtl=False), bn_mode, parts="auto")
-        kind, enc_sd, head = tf.kind, tf.encoder, tf.head
-        path = os.path.join(tf.folder, "fc_weights.npy" if kind == "meta" else "weights.npy")  # named in errors
-    else:
-        ck = load_checkpoint(path)
-        check_backbone(ck, backbone, path, bn_mode)
-        kind, enc_sd, head = read_weights(ck, path)
-    encoder = apply_bn_mode(build_backbone(backbone, mtl=(kind == "meta")), bn_mode)
-    load_strict(encoder, enc_sd, f"checkpoint {path}")
-    if kind == "meta":
-        check_finite_weights({f"base_learner.{k}": v for k, v in head.items()}, f"checkpoint {path}")
-        w, b = head["weight"].float(), head["bias"].float()
-        if w.shape[0] != way:
-            raise UserError(f"checkpoint {path} has a {w.shape[0]}-way base learner, but --way is {way}; pass --way "
-                            f"{w.shape[0]}")
-    else:
-        w, b = init_head(way, encoder.out_dim, eval_seed)
-    return encoder.to(device), w.to(device), b.to(device), kind
+def model_flags_from_checkpoint(args) -> list[str]:
+    """Meta-test: the model flags the command line left out (``--backbone``, ``--bn_mode``, ``--way``,
+    ``--image_size``, ``--preprocess``) are set on ``args`` from the checkpoint's spec, before the settings are built
+    (``main.py``); a flag given that disagrees is one line (E11, E31, E58, E140; TF: E56, E57), and a given input
+    size or preprocessing other than the one the model was trained on a ``warning:`` line. Without
+    ``--eval_weights`` the checkpoint is found by the run folder, whose name holds ``--backbone`` and ``--way``: those
+    two are then checked, not set. Returns the lines to print after the run's header: the warnings, and the one that
+    says what the checkpoint set (none when nothing differed, or no checkpoint is there: ``meta_eval`` says so).
+
+    Which flags were given is :func:`utils.options.explicit_flags`; a namespace built otherwise counts every flag as
+    given (only checked)."""
+    path = eval_checkpoint(args)
+    if args.eval_weights:
+        check_weights_path(path, "--eval_weights")  # (a missing file, or a run folder given as weights: E124, E125)
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        return []
+    given = explicit_flags(args)
+    if not args.eval_weights:
+        given = given | {"backbone", "way"}
+    spec = read_weights(path, Expect.from_args(args, only=given)).spec
+    taken = {"backbone": spec.backbone, "bn_mode": spec.bn_mode, "way": spec.way, "image_size": spec.image_size,
+             "preprocess": spec.preprocess}
+    changed, lines = [], []
+    for flag, value in taken.items():
+        if value is None:  # the file does not say (a pre checkpoint's way, the input of a file from other code)
+            continue
+        if flag in given:
+            if flag in ("image_size", "preprocess") and getattr(args, flag) != value:
+                lines.append(f"warning: {path} was trained with --{flag} {value}; it is evaluated with --{flag} "
+                             f"{getattr(args, flag)} as given")
+            continue
+        if getattr(args, flag) != value:
+            changed.append(f"--{flag} {value}")
+            setattr(args, flag, value)
+    if changed:
+        lines.append(f"the checkpoint sets {' '.join(changed)} ({spec.describe()})")
+    return lines
 
 
 def meta_eval(settings: Settings, device: torch.device) -> dict:
     """Meta-test: ``--num_test_episodes`` fixed episodes from the test classes; prints
-    ``test accuracy: MEAN ± CI (N episodes, W-way S-shot)`` and writes the results JSON next to the checkpoint."""
+    ``test accuracy: MEAN ± CI (N episodes, W-way S-shot)`` and writes the results JSON next to the checkpoint.
+
+    The model is what the checkpoint's spec says (:func:`models.loading.load`; the flags only verify it,
+    :func:`model_flags_from_checkpoint`): a meta checkpoint gives the SS encoder and the meta-learned base learner,
+    a pre-train checkpoint the plain encoder and a fresh head (:func:`models.heads.fresh_init` with ``--eval_seed``):
+    the paper's "FT" baseline (pre-trained backbone, fine-tuned linear base learner, no meta-training)."""
     args, ev = settings.args, settings.test
-    path = args.eval_weights or settings.paths.meta_checkpoint
+    path = eval_checkpoint(args)
     if args.eval_weights:
         check_weights_path(path, "--eval_weights")
     elif not os.path.isfile(path):
@@ -379,11 +360,13 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     data = DataBundle(settings.data)
     test_set = data.load("test")
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
-    encoder, w, b, kind = load_for_eval(path, args.backbone, ev.way, ev.seed, device, args.bn_mode)
+    model = load(path, device, Expect.from_args(args, only={"backbone", "bn_mode", "way"}))
+    w, b = model.head_init(ev.way, ev.seed)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     # a non-finite feature or logit stops here (utils.finite.NonFiniteError), before anything is written
-    mean, ci, accs = evaluate(encoder, test_set, data.eval_transform, episodes, w, b, ev, device, desc="encode test")
-    return write_results(path, kind, mean, ci, len(accs), ev, settings_dict(args), write=distributed.is_main())
+    mean, ci, accs = evaluate(model.encoder, test_set, data.eval_transform, episodes, w, b, ev, device,
+                              desc="encode test")
+    return write_results(path, model.kind, mean, ci, len(accs), ev, settings_dict(args), write=distributed.is_main())
 
 
 class ResultsNotWritten(UserError):
@@ -398,14 +381,13 @@ def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: Eval
     """Print the test line, then write the results JSON next to the checkpoint ``path`` (``write``: under torchrun
     rank 0 only; every rank returns the same dict). The accuracy is printed first, so that it is seen even when the
     folder cannot be written (:class:`ResultsNotWritten`, after the line)."""
-    method = ("mtl" if kind == "meta" else "pretrained") + ("" if ev.classifier == "finetune" else "+centroid")
+    method = HEADS[ev.classifier].method(kind)  # e.g. mtl, pretrained, mtl+centroid
     result = {"mean": round(100 * mean, 4), "ci95": round(100 * ci, 4), "episodes": n, "way": ev.way,
               "shot": ev.shot, "query": ev.query, "method": method, "checkpoint": path,
               "classifier": ev.classifier, "eval_mode": ev.mode, "eval_seed": ev.seed,
               "inner_steps": ev.inner.steps, "base_lr": ev.inner.lr, "flip_support": ev.flip_support,
               "settings": settings}
-    name = "results.json" if kind == "meta" and ev.classifier == "finetune" else \
-        f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
+    name = "results.json" if method == "mtl" else f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # a TF weights folder: in it
     out = os.path.join(folder, name)
     print(f"test accuracy: {format_acc(mean, ci)} ({n} episodes, {ev.way}-way {ev.shot}-shot)", flush=True)

@@ -9,14 +9,17 @@ The paper's recipe (``--recipe paper``) uses Adam, batch 64, dropout and a linea
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.evaluate import evaluate
+from models.heads import fresh_init
 from models.mtl import PreLearner
 from trainer.base import BaseTrainer, scheduled_lr
-from trainer.evaluate import evaluate, init_head
 from utils import distributed
 from utils.errors import UserError
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
@@ -78,6 +81,7 @@ class PreTrainer(BaseTrainer):
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.pre_val)
         self.model = PreLearner(a.backbone, num_classes=self.train_set.num_classes, pre_head=a.pre_head,
                                 dropout_keep=a.pre_dropout_keep, bn_mode=a.bn_mode).to(self.device)
+        self.spec = replace(self.model.spec, image_size=a.image_size, preprocess=a.preprocess)
         if use_channels_last(self.device, a.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
         # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save
@@ -91,7 +95,7 @@ class PreTrainer(BaseTrainer):
         else:
             self.optimizer = torch.optim.Adam(params, lr=a.pre_lr, weight_decay=a.pre_custom_weight_decay)
         self.stream = BatchStream(len(self.train_set.labels), self.global_batch, a.pre_iters_per_epoch, a.seed)
-        self.head_w, self.head_b = init_head(a.way, self.model.encoder.out_dim, a.eval_seed)
+        self.head_w, self.head_b = fresh_init(a.way, self.model.encoder.out_dim, a.eval_seed)
         self.labels_t = torch.from_numpy(self.train_set.labels.astype(np.int64))
 
     def iterations_per_epoch(self) -> int:

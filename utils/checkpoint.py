@@ -1,16 +1,8 @@
-"""Checkpoints: atomic writes, safe loading, strict key checks, and the official PyTorch formats.
+"""Checkpoint files, generically: atomic writes, safe loading, strict key checks.
 
-Our checkpoints are self-describing (the few-shot-meta-baseline pattern): one dict holds the backbone name,
-the settings the run was started with, and the weights::
-
-    {"format": "mtl-pytorch/1", "kind": "pre" | "meta", "backbone": "resnet12", "args": {...},
-     "encoder": state_dict, "pre_fc": state_dict (kind "pre"), "base_learner": state_dict (kind "meta"),
-     "epoch": int, "val_acc": float}
-
-The official code (``pytorch/trainer/{pre,meta}.py``) writes ``{"params": state_dict}``: the pre-train phase the
-encoder's state dict (keys ``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), the meta phase the whole
-``MtlLearner`` (keys ``encoder.*`` and ``base_learner.fc1_w/fc1_b`` plus their duplicate aliases
-``base_learner.vars.0/1``). :func:`read_weights` turns either into ``(kind, encoder_sd, head_sd)``.
+What a file holds and how a model is rebuilt from it (our checkpoints and their model spec, the official PyTorch
+``{"params": ...}``, the TF ``.npy`` folder) is ``models/loading.py``; this module knows no format but the tag
+:data:`FORMAT` that every file this program writes carries (model checkpoints and resume states alike).
 
 Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run code. Every state dict is
 loaded strictly through :func:`load_strict`, which names the first mismatches instead of dropping keys
@@ -63,48 +55,6 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
-
-
-def _official_head(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """Map the official ``BaseLearner`` keys (``fc1_w``, ``fc1_b``, aliases ``vars.0/1``) to nn.Linear's."""
-    w = sd.get("fc1_w", sd.get("vars.0"))
-    b = sd.get("fc1_b", sd.get("vars.1"))
-    if w is None or b is None:
-        raise UserError(f"checkpoint {path}: base_learner weights (fc1_w / fc1_b) not found")
-    extra = sorted(set(sd) - {"fc1_w", "fc1_b", "vars.0", "vars.1"})
-    if extra:
-        raise UserError(f"checkpoint {path}: unexpected base_learner keys {extra[:3]}")
-    return {"weight": w, "bias": b}
-
-
-def read_weights(ckpt: dict, path: str) -> tuple[str, dict, dict | None]:
-    """Normalise a loaded checkpoint (ours or the official code's) into ``(kind, encoder_sd, head_sd)``.
-
-    ``kind`` is ``"pre"`` (a pre-trained encoder; ``head_sd`` is the pre-train classifier or None) or
-    ``"meta"`` (SS-encoder plus ``head_sd`` = the base learner's ``{"weight": (way, D), "bias": (way,)}``).
-    """
-    if ckpt.get("format") == FORMAT:
-        kind = ckpt.get("kind")
-        if kind == "pre":
-            return "pre", ckpt["encoder"], ckpt.get("pre_fc")
-        if kind == "meta":
-            return "meta", ckpt["encoder"], ckpt["base_learner"]
-        raise UserError(f"checkpoint {path} is a '{kind}' checkpoint, not a model (pre or meta)")
-    if "params" in ckpt and isinstance(ckpt["params"], dict):
-        sd = ckpt["params"]
-        if any(k.startswith("encoder.") for k in sd):
-            enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-            head = {k[len("base_learner."):]: v for k, v in sd.items() if k.startswith("base_learner.")}
-            other = sorted(k for k in sd if not k.startswith(("encoder.", "base_learner.", "pre_fc.")))
-            if other:
-                raise UserError(f"checkpoint {path}: unexpected keys {other[:3]}")
-            if head:
-                return "meta", enc, _official_head(head, path)
-            pre_fc = {k[len("pre_fc."):]: v for k, v in sd.items() if k.startswith("pre_fc.")}
-            return "pre", enc, pre_fc or None
-        return "pre", sd, None
-    raise UserError(f"checkpoint {path} is in an unknown format (keys {sorted(ckpt)[:5]}); expected one written "
-                    "by this project or the official code's {'params': state_dict}")
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str,

@@ -160,7 +160,7 @@ def maybe_compile(module: torch.nn.Module, device: torch.device, enabled: bool) 
 
     The wrapper shares the parameters and buffers of ``module`` but is never registered as a submodule, so the
     model's ``state_dict`` (checkpoints, ``resume.pth``) keeps its plain keys (no ``_orig_mod.`` prefix), and
-    evaluation (``trainer/evaluate.py``) keeps using the uncompiled module. Without CUDA (or without the flag)
+    evaluation (``models/evaluate.py``) keeps using the uncompiled module. Without CUDA (or without the flag)
     ``module`` itself is returned; on the CPU a one-line note says that ``--compile`` is ignored.
     """
     global _noted_compile_cpu

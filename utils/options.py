@@ -35,6 +35,7 @@ import re
 from typing import Sequence
 
 from models.bn_mode import BN_MODES
+from models.heads import HEADS
 from models.resnet_mtl import BACKBONES
 from utils.gpu_tools import AMP_DTYPES
 
@@ -421,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_seed", type=seed_int, default=1, help=f"seed of the fixed validation / test episodes (0..{SEED_MAX})")
     a("--eval_mode", default="bank", choices=["bank", "episodic"],
       help="bank: encode each image once, batch all episodes (exact, fast); episodic: one episode at a time")
-    flex(a("--eval_classifier", default="finetune", choices=["finetune", "centroid"],
-      help="finetune: the base learner's inner loop; centroid: nearest class mean of the features"))
+    flex(a("--eval_classifier", default="finetune", choices=list(HEADS),
+      help="the few-shot head of meta-test (models/heads.py HEADS): finetune = the base learner's inner loop; "
+           "centroid = nearest class mean of the features"))
     a("--hard_task", action="store_true", help="hard-task (HT) meta-batch, paper Alg. 1")
     a("--ht_normal_tasks", type=positive_int, default=None,
       help="normal tasks per meta-batch that feed the failure-class record (default: --meta_batch_size)")
@@ -457,17 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_flags(argv: Sequence[str] | None = None) -> frozenset[str]:
-    """The settings (``dest`` names) given on the command line ``argv``, as opposed to a default or a recipe's
-    preset: for the checks of flags that conflict (``main.check_args``). Call after :func:`parse_args` accepted
-    ``argv``."""
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS  # an absent flag then leaves no attribute
-    given, _ = probe.parse_known_args(argv)
-    return frozenset(vars(given))
-
-
 def resolve_recipe(recipe: str | None, backbone: str | None) -> tuple[str, str]:
     """``(recipe, source)``: the explicit ``--recipe``; else the one of the explicit ``--backbone``
     (:data:`BACKBONE_RECIPE`); else ``pytorch``. ``source`` says which (``--recipe``, ``--backbone``, ``default``)."""
@@ -490,14 +481,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    probe = build_parser()
-    probe.set_defaults(recipe=None, backbone=None)
-    given, _ = probe.parse_known_args(argv)
-    recipe, source = resolve_recipe(given.recipe, given.backbone)
-    backbone = given.backbone or str(RECIPES[recipe].get("backbone", known.backbone))
+    explicit = _given(argv)
+    recipe, source = resolve_recipe(getattr(known, "recipe") if "recipe" in explicit else None,
+                                    known.backbone if "backbone" in explicit else None)
+    backbone = known.backbone if "backbone" in explicit else str(RECIPES[recipe].get("backbone", known.backbone))
     parser.set_defaults(**recipe_defaults(recipe, backbone), recipe=recipe)
     args = parser.parse_args(argv)
     args.recipe_source = source
+    args._explicit = explicit  # (not a setting: settings_dict leaves it out)
     if args.test_update_step is None:
         args.test_update_step = args.update_step
     if args.test_query is None:
@@ -505,6 +496,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     elif args.test_query == "shot":
         args.test_query = args.shot
     return args
+
+
+_UNSET = object()
+
+
+def _given(argv: Sequence[str] | None) -> frozenset[str]:
+    """The destinations of the flags ``argv`` gives explicitly: parsed with every default replaced by a marker, a
+    destination that no longer holds it was set on the command line (``--first_order`` counts as ``second_order``)."""
+    probe = build_parser()
+    probe.set_defaults(**{a.dest: _UNSET for a in probe._actions if a.default is not argparse.SUPPRESS})
+    given, _ = probe.parse_known_args(argv)
+    return frozenset(k for k, v in vars(given).items() if v is not _UNSET)
+
+
+def explicit_flags(source: "argparse.Namespace | Sequence[str] | None" = None) -> frozenset[str]:
+    """The settings (``dest`` names, e.g. ``"backbone"``) given on the command line, as opposed to a default or a
+    recipe's preset. ``source``: a namespace made by :func:`parse_args` (which records them), or the ``argv`` itself
+    (for ``main.check_args`` and ``run_experiment.py``; call it after :func:`parse_args` accepted ``argv``). A
+    namespace not made by :func:`parse_args` counts every setting as given."""
+    if isinstance(source, argparse.Namespace):
+        given = getattr(source, "_explicit", None)
+        return given if given is not None else frozenset(k for k in vars(source) if not k.startswith("_"))
+    return _given(source)
 
 
 def describe_recipe(args: argparse.Namespace) -> str:
@@ -534,5 +548,6 @@ def describe_dataset(args: argparse.Namespace) -> str:
 
 
 def settings_dict(args: argparse.Namespace) -> dict:
-    """The settings as a plain dict (stored in checkpoints and results files)."""
-    return {k: v for k, v in sorted(vars(args).items())}
+    """The settings as a plain dict (stored in checkpoints and results files); ``_``-names are bookkeeping, not
+    settings."""
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}

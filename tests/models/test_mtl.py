@@ -4,7 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.conv2d_mtl import Conv2dMtl
-from models.mtl import MetaLearner, PreLearner, inner_loop, straight_through
+from models.heads import inner_loop, straight_through
+from models.mtl import MetaLearner, PreLearner
 
 
 def _one_task(model, x_s, y_s, x_q, *args, **kw):

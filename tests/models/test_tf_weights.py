@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.tf_weights import (TF_FILES, MtlLearner, load_tf_learner, read_tf_weights, save_tf_weights,
-                               state_dicts_to_tf)
+from models.loading import load
+from models.tf_weights import TF_FILES, read_tf_weights, save_tf_weights, state_dicts_to_tf
 from tests.helpers import py2_object_npy
 from tests.tf_files import SLIM, official_files
 from utils.errors import UserError
@@ -76,12 +76,12 @@ def official(tmp_path_factory):
 def test_encode_and_logits_match_an_independent_tf_forward(official, batch):
     torch.set_num_threads(1)
     folder, w, s, fc = official
-    model = load_tf_learner(folder, way=5)
-    assert isinstance(model, MtlLearner)
+    model = load(folder)  # the spec from the files: the ResNet-12 of their widths, TF BatchNorm, 5-way
+    assert (model.spec.backbone, model.spec.bn_mode, model.spec.way, model.kind) == ("resnet12", "tf", 5, "meta")
     x = torch.rand(batch, 3, 84, 84, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
-        feats = model.encode(x)
-        logits = model.base_learner(feats)
+        feats = model.encoder(x)
+        logits = F.linear(feats, *model.init)
     ref = reference_features(x, w, s)
     ref_logits = ref @ torch.from_numpy(fc["w5"]).double() + torch.from_numpy(fc["b5"]).double()
     assert feats.shape == (batch, 512) and logits.shape == (batch, 5)
@@ -91,28 +91,29 @@ def test_encode_and_logits_match_an_independent_tf_forward(official, batch):
     assert gap < 1e-5 and gap_l < 1e-5
     # the features do depend on the batch (batch statistics), as in the TF graph
     with torch.no_grad():
-        alone = model.encode(x[:2])
+        alone = model.encoder(x[:2])
     assert (alone - feats[:2]).abs().max().item() > 1e-3
 
 
 def test_base_learner_holds_w5_b5_and_ss_maps_by_name(official):
     folder, w, s, fc = official
-    model = load_tf_learner(folder, way=5)
-    assert torch.equal(model.base_learner.weight, torch.from_numpy(fc["w5"]).t())
-    assert torch.equal(model.base_learner.bias, torch.from_numpy(fc["b5"]))
+    model = load(folder)
+    assert torch.equal(model.init[0], torch.from_numpy(fc["w5"]).t())
+    assert torch.equal(model.init[1], torch.from_numpy(fc["b5"]))
     c = model.encoder.layer2.conv3
     assert torch.equal(c.weight, torch.from_numpy(w["block2_conv3"]).permute(3, 2, 0, 1))
     assert torch.equal(c.mtl_weight, torch.from_numpy(s["block2_conv3"]).permute(3, 2, 0, 1))
     torch.testing.assert_close(c.effective_bias(), torch.from_numpy(s["block2_bias3"]), rtol=0, atol=1e-7)
     assert torch.equal(model.encoder.layer4.shortcut.weight, torch.from_numpy(w["block4_conv_res"]).permute(3, 2, 0, 1))
     assert torch.equal(model.encoder.layer4.shortcut.mtl_weight, torch.ones(512, 256, 1, 1))
-    assert not [n for n, _ in model.named_buffers()]  # TF BatchNorm: no running statistics
+    assert not [n for n, _ in model.encoder.named_buffers()]  # TF BatchNorm: no running statistics
 
 
 def test_round_trip_to_the_three_files(official, tmp_path):
     folder, w, s, fc = official
-    model = load_tf_learner(folder, way=5)
-    files = state_dicts_to_tf(model.encoder.state_dict(), model.base_learner.state_dict(), "meta", "model")
+    model = load(folder)
+    head = {"weight": model.init[0], "bias": model.init[1]}
+    files = state_dicts_to_tf(model.encoder.state_dict(), head, "meta", "model")
     written = save_tf_weights(str(tmp_path / "out"), files)
     assert sorted(os.path.basename(p) for p in written) == sorted(TF_FILES)
     from utils.safe_pickle import load_object_npy
@@ -128,10 +129,10 @@ def test_round_trip_to_the_three_files(official, tmp_path):
             assert np.array_equal(s2[k], s[k]), k
     for k in fc:
         assert np.array_equal(fc2[k], fc[k]), k
-    again = load_tf_learner(str(tmp_path / "out"), way=5)
+    again = load(str(tmp_path / "out"))
     x = torch.rand(6, 3, 84, 84, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(again.encode(x), model.encode(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(again.encoder(x), model.encoder(x), rtol=0, atol=1e-5)
 
 
 def test_a_pre_train_snapshot_reads_as_a_plain_encoder_and_its_classifier(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 import run_experiment as rx
 from tools import report
-from utils.options import parse_args
+from utils.options import parse_args, settings_dict
 
 SHOTS = (1, 5)
 
@@ -97,8 +97,8 @@ def test_ablation_commands_share_episodes_and_differ_only_by_ht(tmp_path):
     assert {(a.eval_seed, a.num_test_episodes, a.val_query, a.way) for a in tests.values()} == {(1, 2000, 15, 5)}
     assert all(a.num_test_episodes >= 2000 for a in tests.values())
     for shot in SHOTS:
-        mtl = vars(_parsed(cmds[f"{shot}-shot row 3 MTL meta-train"]))
-        ht = vars(_parsed(cmds[f"{shot}-shot row 4 MTL+HT meta-train"]))
+        mtl = settings_dict(_parsed(cmds[f"{shot}-shot row 3 MTL meta-train"]))
+        ht = settings_dict(_parsed(cmds[f"{shot}-shot row 4 MTL+HT meta-train"]))
         diff = {k for k in mtl if mtl[k] != ht[k]}
         assert diff == {"hard_task", "ht_normal_tasks"}  # ht_normal_tasks: None (unused) vs 5
         assert ht["ht_normal_tasks"] == ht["meta_batch_size"] == mtl["meta_batch_size"]

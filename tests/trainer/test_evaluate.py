@@ -1,12 +1,25 @@
-"""The feature-bank path and the per-episode path give the same accuracies on the same episodes."""
+"""The feature-bank path and the per-episode path give the same accuracies on the same episodes
+(``models/evaluate.py``, every path through a few-shot head of ``models/heads.py``)."""
 import numpy as np
 import torch
 
 from data_generator.dataset_loader import ImageSet
-from data_generator.meta_data_generator import fixed_episodes
+from data_generator.meta_data_generator import episode_labels, fixed_episodes
 from data_generator.transforms import BatchTransform
+from models.evaluate import encode_split, evaluate_bank, evaluate_episodic
+from models.heads import fresh_init, make_head
 from models.resnet_mtl import build_backbone
-from trainer.evaluate import encode_split, evaluate_bank, evaluate_episodic, init_head
+from utils.settings import InnerLoop
+
+def head(classifier, way, w, b, steps, lr, order, loss_scale=1.0):
+    """The few-shot head ``classifier`` with the inner loop of ``steps`` at ``lr`` (the ``finetune`` head's)."""
+    return make_head(classifier, way, (w, b), InnerLoop(steps, lr, loss_scale), order)
+
+
+def _classify(feat_s, feat_q, way, shot, w, b, steps, lr, classifier, loss_scale, order):
+    """Query logits (E, n_q, way) of episodes in the layout (support label = position % way), through the head."""
+    y_s = episode_labels(way, shot).to(feat_s.device).expand(feat_s.shape[0], -1)
+    return head(classifier, way, w, b, steps, lr, order, loss_scale).fit(feat_s, y_s).logits(feat_q)
 
 
 def _imageset(n_classes=8, per_class=12, size=16, seed=0):
@@ -29,8 +42,13 @@ def _tie_free(feats, eps, way, shot, w, b, steps, lr, classifier):
     logits, none amplified: bound = (steps + 1) * 32 * u * (max |logit| + 1). centroid: a squared distance is a sum
     of D terms (directly, or through ``|q|^2 + |c|^2 - 2 q.c``), whose rounding grows like a random walk:
     bound = 8 * sqrt(D) * u * (max |q|^2 + max |c|^2 + 1)."""
-    from trainer.evaluate import _classify
-    f = feats[torch.from_numpy(eps)].double()
+    return tie_free_features(feats[torch.from_numpy(eps)], way, shot, w, b, steps, lr, classifier)
+
+
+def tie_free_features(f, way, shot, w, b, steps, lr, classifier):
+    """:func:`_tie_free` on the episodes' own features ``f`` (E, way * (shot + query), D) in the episode layout (e.g.
+    each episode encoded alone, as the per-episode path does)."""
+    f = f.double()
     n_s = way * shot
     logits = _classify(f[:, :n_s], f[:, n_s:], way, shot, w.double(), b.double(), steps, lr, classifier, 1.0,
                        order="first")
@@ -43,7 +61,7 @@ def _tie_free(feats, eps, way, shot, w, b, steps, lr, classifier):
 
 
 def test_bank_equals_episodic_finetune_and_centroid():
-    from models.mtl import stable_inner_lr
+    from models.heads import stable_inner_lr
     torch.manual_seed(0)
     ds = _imageset()
     tf = BatchTransform(16, "paper")
@@ -53,14 +71,13 @@ def test_bank_equals_episodic_finetune_and_centroid():
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     eps = fixed_episodes(ds.labels, 20, 5, 2, 3, seed=3)
-    w, b = init_head(5, enc.out_dim, seed=1)
+    w, b = fresh_init(5, enc.out_dim, seed=1)
     feats = encode_split(enc, ds, tf, torch.device("cpu"), batch_size=7)
     assert feats.shape == (len(ds.labels), enc.out_dim)
     lr = 0.9 * stable_inner_lr(feats[torch.from_numpy(eps[:, :10])]).min().item()  # inside the stable step
     for clf in ("finetune", "centroid"):
-        bank = evaluate_bank(feats, eps, 5, 2, w, b, steps=15, lr=lr, classifier=clf)
-        epi = evaluate_episodic(enc, ds, tf, eps, 5, 2, w, b, steps=15, lr=lr, device=torch.device("cpu"),
-                                classifier=clf)
+        bank = evaluate_bank(feats, eps, 5, 2, head(clf, 5, w, b, 15, lr, "first"))
+        epi = evaluate_episodic(enc, ds, tf, eps, 5, 2, head(clf, 5, w, b, 15, lr, "autograd"), torch.device("cpu"))
         assert bank.shape == (20,)
         clear = _tie_free(feats, eps, 5, 2, w, b, 15, lr, clf)
         assert clear.sum() >= 15, (clf, clear)
@@ -73,40 +90,39 @@ def test_bank_chunking_does_not_change_results():
     enc = build_backbone("conv4", mtl=False)
     feats = encode_split(enc, ds, BatchTransform(16, "paper"), torch.device("cpu"))
     eps = fixed_episodes(ds.labels, 30, 5, 1, 4, seed=0)
-    w, b = init_head(5, enc.out_dim, 0)
-    from models.mtl import stable_inner_lr
+    w, b = fresh_init(5, enc.out_dim, 0)
+    from models.heads import stable_inner_lr
     lr = min(0.1, 0.9 * stable_inner_lr(feats[torch.from_numpy(eps[:, :5])]).min().item())
-    a = evaluate_bank(feats, eps, 5, 1, w, b, 10, lr, chunk=7)
-    c = evaluate_bank(feats, eps, 5, 1, w, b, 10, lr, chunk=1000)
+    a = evaluate_bank(feats, eps, 5, 1, head("finetune", 5, w, b, 10, lr, "first"), chunk=7)
+    c = evaluate_bank(feats, eps, 5, 1, head("finetune", 5, w, b, 10, lr, "first"), chunk=1000)
     clear = _tie_free(feats, eps, 5, 1, w, b, 10, lr, "finetune")  # (batched matmuls of other batch counts
     assert clear.sum() >= 25                                         #  may round differently)
     np.testing.assert_array_equal(a[clear], c[clear])
 
 
-def test_init_head_is_seeded():
-    a, _ = init_head(5, 64, 3)
-    b, _ = init_head(5, 64, 3)
-    c, _ = init_head(5, 64, 4)
+def test_fresh_init_is_seeded():
+    a, _ = fresh_init(5, 64, 3)
+    b, _ = fresh_init(5, 64, 3)
+    c, _ = fresh_init(5, 64, 4)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_bank_equals_episodic_just_inside_the_stable_inner_step():
-    """The condition of trainer/evaluate.py: with the inner step at 0.9 of the largest non-expansive step of the
+    """The condition of models/evaluate.py: with the inner step at 0.9 of the largest non-expansive step of the
     worst episode (``stable_inner_lr``) and the paper's 100 test steps, the two paths' query logits (bank: batched
     encoding and the closed-form loop; per-episode: one-episode encoding and the autograd loop) stay within the
     bound that non-expansive steps give: each step adds at most a few float32 roundings of the logits, none is
     amplified, so |difference| <= steps * 32 * u * (max |logit| + 1), u = 2**-24. Every query whose float64
     margin between its two best logits exceeds twice that bound is predicted alike, and so the accuracies that
     ``evaluate_bank`` and ``evaluate_episodic`` report are equal wherever no query is that close to a tie."""
-    from models.mtl import stable_inner_lr
-    from trainer.evaluate import _classify
+    from models.heads import stable_inner_lr
     torch.manual_seed(0)
     ds = _imageset(seed=2)
     tf = BatchTransform(16, "paper")
     enc = build_backbone("conv4", mtl=False).eval()
     way, shot, steps, u = 5, 2, 100, 2.0 ** -24
     eps = fixed_episodes(ds.labels, 20, way, shot, 3, seed=4)
-    w, b = init_head(way, enc.out_dim, seed=1)
+    w, b = fresh_init(way, enc.out_dim, seed=1)
     feats = encode_split(enc, ds, tf, torch.device("cpu"), batch_size=64)
     n_s = way * shot
     f_bank = feats[torch.from_numpy(eps)]
@@ -128,8 +144,9 @@ def test_bank_equals_episodic_just_inside_the_stable_inner_step():
     clear = (top2[..., 0] - top2[..., 1]) > 2 * bound                      # (E, n_q) queries far from a tie
     assert clear.float().mean() > 0.9
     assert torch.equal(lg_bank.argmax(-1)[clear], lg_epi.argmax(-1)[clear])
-    bank = evaluate_bank(feats, eps, way, shot, w, b, steps=steps, lr=lr)
-    epi = evaluate_episodic(enc, ds, tf, eps, way, shot, w, b, steps=steps, lr=lr, device=torch.device("cpu"))
+    bank = evaluate_bank(feats, eps, way, shot, head("finetune", way, w, b, steps, lr, "first"))
+    epi = evaluate_episodic(enc, ds, tf, eps, way, shot, head("finetune", way, w, b, steps, lr, "autograd"),
+                            torch.device("cpu"))
     all_clear = clear.all(dim=1).numpy()
     np.testing.assert_array_equal(bank[all_clear], epi[all_clear])
     assert all_clear.sum() >= 15 and 0.3 < bank.mean() < 1.0
@@ -166,10 +183,10 @@ def _overflow_settings(mode="bank"):
 def test_an_overflowing_episode_is_named_on_both_paths():
     import pytest
 
-    from trainer.evaluate import evaluate
+    from models.evaluate import evaluate
     from utils.finite import NonFiniteError
     imageset, eps, enc, tf = _overflow_case()
-    w, b = init_head(5, 16, 0)
+    w, b = fresh_init(5, 16, 0)
     for mode in ("bank", "episodic"):
         with pytest.raises(NonFiniteError) as e:
             evaluate(enc, imageset, tf, eps, w, b, _overflow_settings(mode), torch.device("cpu"))
@@ -177,9 +194,11 @@ def test_an_overflowing_episode_is_named_on_both_paths():
                                 "written. Lower --base_lr (set to 0.1) or --test_update_step (set to 3)"), mode
     for chunk in (1, 3):  # the chunk that holds it, and the index within the chunk
         with pytest.raises(NonFiniteError) as e:
-            evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps, 5, 1, w, b, 3, 0.1, chunk=chunk)
+            evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps, 5, 1,
+                          head("finetune", 5, w, b, 3, 0.1, "first"), chunk=chunk)
         assert e.value.episode == 3
-    assert len(evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps[:3], 5, 1, w, b, 3, 0.1)) == 3
+    assert len(evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps[:3], 5, 1,
+                             head("finetune", 5, w, b, 3, 0.1, "first"))) == 3
 
 
 def _two_rank_worker(rank: int, port: int, mode: str, q) -> None:
@@ -189,12 +208,12 @@ def _two_rank_worker(rank: int, port: int, mode: str, q) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         torch.set_num_threads(1)
-        from trainer.evaluate import evaluate
+        from models.evaluate import evaluate
         from utils import distributed as D
         from utils.finite import NonFiniteError
         D.init_from_env("cpu", 30)  # a rank left waiting would fail after 30 s, not pass
         imageset, eps, enc, tf = _overflow_case()
-        w, b = init_head(5, 16, 0)
+        w, b = fresh_init(5, 16, 0)
         try:
             evaluate(enc, imageset, tf, eps, w, b, _overflow_settings(mode), torch.device("cpu"))
             q.put((rank, "no error"))

@@ -19,7 +19,8 @@ from models.bn_mode import TFBatchNorm2d, apply_bn_mode, batch_dependent
 from models.mtl import MetaLearner
 from tests.helpers import make_folders, make_npz
 from tests.tf_files import SLIM, official_files
-from trainer.evaluate import evaluate, evaluate_bank, hflip
+from models.evaluate import evaluate, evaluate_bank, hflip
+from models.heads import make_head
 from utils.options import parse_args
 from utils.settings import EvalSettings, InnerLoop, Settings
 
@@ -141,14 +142,16 @@ def test_flip_support_puts_each_support_image_and_its_flip_in_the_support_set():
     feats = _ColumnEncoder()(tf(torch.from_numpy(data.images)))
     flipped = _ColumnEncoder()(tf(torch.from_numpy(hflip(data.images))))
     by_hand = []
-    from trainer.evaluate import _classify
     n_s = way * shot
+    y_s = torch.arange(way).repeat(2 * shot)[None]  # the support then its flips, labels position % way throughout
     for ep in eps:
         f_s = torch.cat([feats[ep[:n_s]], flipped[ep[:n_s]]])[None]
-        logits = _classify(f_s, feats[ep[n_s:]][None], way, 2 * shot, w0, b0, 5, 0.5, "finetune", 1.0, "autograd")
+        logits = make_head("finetune", way, (w0, b0), InnerLoop(5, 0.5), "autograd").fit(f_s, y_s).logits(
+            feats[ep[n_s:]][None])
         by_hand.append((logits[0].argmax(-1) == torch.arange(way).repeat(2)).double().mean().item())
     np.testing.assert_array_equal(accs["bank", True], np.asarray(by_hand, np.float32))
-    np.testing.assert_array_equal(evaluate_bank(feats, eps, way, shot, w0, b0, 5, 0.5, flipped_features=flipped),
+    bank_head = make_head("finetune", way, (w0, b0), InnerLoop(5, 0.5), "first")
+    np.testing.assert_array_equal(evaluate_bank(feats, eps, way, shot, bank_head, flipped_features=flipped),
                                   accs["bank", True])
 
 

@@ -1,5 +1,10 @@
 """One evaluation routine for pre-train validation, meta-validation and meta-test.
 
+Every evaluation scores its episodes with a few-shot head of ``models/heads.py`` (``EvalSettings.classifier``, a key
+of :data:`models.heads.HEADS`: ``finetune``, the MTL base learner's inner loop from its initialisation; ``centroid``,
+nearest class mean; any registered one): ``head.fit(support features, labels)`` then ``head.logits(query
+features)``, the same head meta-training calls.
+
 Evaluation episodes are fixed (``fixed_episodes`` with ``--eval_seed``), so every checkpoint and every method
 is compared on the same episodes. Two paths compute the same numbers:
 
@@ -12,7 +17,7 @@ is compared on the same episodes. Two paths compute the same numbers:
 When the two agree: in exact arithmetic they are the same function (``tests/trainer/test_speed_paths.py`` checks
 this in float64). In float32 they round differently (batched vs one-episode encoder passes, closed-form vs autograd
 gradients), and the inner loop decides whether those last-bit differences stay small: while the inner step is
-within the stable range of gradient descent on the support loss, ``lr <= models.mtl.stable_inner_lr(features)``
+within the stable range of gradient descent on the support loss, ``lr <= models.heads.stable_inner_lr(features)``
 (``4 n_s / (loss_scale * lambda_max([X, 1]^T [X, 1]))``), each step is non-expansive and the two paths' logits stay
 within float32 rounding of each other, so the accuracies are the same unless a query's two best logits are tied
 to within that rounding. Far outside it (large unnormalised features, e.g. squared norm ~1,600 as a ResNet-25 with
@@ -29,35 +34,27 @@ inner loop would otherwise score every query as class 0, a chance-level accuracy
 """
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_generator.dataset_loader import ImageSet
-from data_generator.meta_data_generator import by_class, episode_labels
-from models.bn_mode import batch_dependent
-from models.mtl import inner_loop
+from data_generator.meta_data_generator import episode_labels
 from utils import distributed
 from utils.finite import NonFiniteError, all_finite, first_nonfinite_row
 from utils.gpu_tools import autocast, to_device
 from utils.misc import mean_ci
 from utils.settings import EvalSettings
 
+from .bn_mode import batch_dependent
+from .heads import HEADS, FewShotHead, make_head
 
-def init_head(way: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh linear base learner for an encoder that has none (pre-train validation, the "FT" baseline):
-    the same initialisation as the meta base learner (kaiming normal, fan_in; zero bias), drawn from its own
-    seeded generator so every evaluation of every checkpoint starts from the same head.
+if TYPE_CHECKING:  # (annotations only)
+    from data_generator.dataset_loader import ImageSet
 
-    Returns:
-        ``weight (way, dim)``, ``bias (way,)``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    std = math.sqrt(2.0 / dim)  # kaiming_normal_(fan_in, gain sqrt(2)), as the official fc1_w init
-    return torch.randn(way, dim, generator=g) * std, torch.zeros(way)
+__all__ = ["hflip", "encode_split", "evaluate", "evaluate_bank", "evaluate_episodic"]
 
 
 def hflip(images: np.ndarray) -> np.ndarray:
@@ -114,12 +111,10 @@ def _nonfinite(ev: EvalSettings | None, imageset: ImageSet | None, kind: str, ep
             name = f" {image} of {imageset.source} ({label}{', flipped' if flipped else ''})"
         what = f"{phase}: the encoder gave non-finite features for image{name}{where}"
         advice = f"The encoder's weights are finite but overflow float32 on it: check the checkpoint{amp}"
-    elif ev is not None and ev.classifier == "centroid":
-        what = f"{phase}: the nearest-class-mean classifier gave non-finite logits{where}"
-        advice = f"The features are too large for float32 distances: check the checkpoint{amp}"
-    else:
-        what = f"{phase}: the inner loop gave non-finite logits{where}"
-        advice = f"Lower {ev.inner.hint() if ev is not None else 'the inner step size or steps'}{amp}"
+    else:  # the head says what gave the logits and what to do
+        head, advice = HEADS[ev.classifier if ev is not None else "finetune"].nonfinite(ev.inner if ev else None)
+        what = f"{phase}: {head} gave non-finite logits{where}"
+        advice += amp
     err = NonFiniteError(what, advice, kind=kind)
     err.episode, err.image, err.flipped = episode, image, flipped
     return err
@@ -132,8 +127,10 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
 
     Args:
         episodes: ``(E, way * (shot + query))`` fixed episodes (``fixed_episodes``) of ``imageset``.
-        init_w, init_b: ``(way, D)``, ``(way,)`` the base learner's initialisation (finetune).
-        ev: the evaluation's settings: the inner loop, bank or episodic, finetune or centroid, batch size, AMP.
+        init_w, init_b: ``(way, D)``, ``(way,)`` the base learner's initialisation (the heads that start from one:
+            ``finetune``).
+        ev: the evaluation's settings: the inner loop, bank or episodic, the head (``ev.classifier``), batch size,
+            AMP.
     Returns:
         ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1].
     """
@@ -152,13 +149,13 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
             raise _nonfinite(ev, imageset, "features", image=e.image, flipped=e.flipped) from None
     bad = None  # this rank's first non-finite finding: (kind, global episode, image, flipped)
     try:
-        if ev.mode == "episodic":
-            accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, init_w, init_b,
-                                     ev.inner.steps, ev.inner.lr, device, ev.classifier, ev.inner.loss_scale,
+        if ev.mode == "episodic":  # the per-episode reference: the autograd inner loop
+            head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="autograd")
+            accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, head, device,
                                      progress=ev.progress, amp=ev.amp, flip_support=ev.flip_support)
-        else:
-            accs = evaluate_bank(feats, episodes, ev.way, ev.shot, init_w, init_b, ev.inner.steps, ev.inner.lr,
-                                 ev.classifier, ev.inner.loss_scale, flipped_features=flipped) \
+        else:  # the bank: all episodes batched, the closed-form inner loop
+            head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="first")
+            accs = evaluate_bank(feats, episodes, ev.way, ev.shot, head, flipped_features=flipped) \
                 if len(episodes) else np.zeros(0, np.float32)
     except NonFiniteError as e:
         bad, accs = (e.kind, first + e.episode, e.image, e.flipped), np.zeros(0, np.float32)
@@ -173,38 +170,16 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     return mean, ci, accs
 
 
-def _classify(feat_s: torch.Tensor, feat_q: torch.Tensor, way: int, shot: int, init_w: torch.Tensor,
-              init_b: torch.Tensor, steps: int, lr: float, classifier: str, loss_scale: float,
-              order: str) -> torch.Tensor:
-    """Query logits for a batch of episodes.
-
-    Args:
-        feat_s: ``(E, way * shot, D)`` support features in episode layout (label = position % way).
-        feat_q: ``(E, n_q, D)`` query features.
-        init_w, init_b: ``(way, D)``, ``(way,)`` base-learner initialisation (finetune only).
-    Returns:
-        ``(E, n_q, way)`` logits.
-    """
-    e, _, d = feat_s.shape
-    if classifier == "centroid":
-        protos = by_class(feat_s, way, dim=1).mean(1)                       # (E, way, D)
-        return -torch.cdist(feat_q, protos).pow(2)
-    y_s = episode_labels(way, shot).to(feat_s.device).expand(e, -1)
-    w = init_w.to(feat_s).expand(e, -1, -1).clone()
-    b = init_b.to(feat_s).expand(e, -1).clone()
-    w, b = inner_loop(feat_s, y_s, w, b, steps, lr, order=order, loss_scale=loss_scale)
-    return torch.baddbmm(b.unsqueeze(1), feat_q, w.transpose(1, 2))
-
-
-def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: int, init_w: torch.Tensor,
-                  init_b: torch.Tensor, steps: int, lr: float, classifier: str = "finetune",
-                  loss_scale: float = 1.0, chunk: int = 500,
-                  flipped_features: torch.Tensor | None = None) -> np.ndarray:
-    """Run all episodes on stored features, ``chunk`` episodes at a time.
+def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: int, head: FewShotHead,
+                  chunk: int = 500, flipped_features: torch.Tensor | None = None) -> np.ndarray:
+    """Run all episodes on stored features, ``chunk`` episodes at a time: ``head`` is fitted on the chunk's
+    support sets together (T = the chunk's episodes) and scores their queries.
 
     Args:
         features: ``(N, D)`` from :func:`encode_split`.
         episodes: ``(E, way * (shot + query))`` image indices in episode layout.
+        head: the few-shot head (``models/heads.py``; the bank's ``finetune`` runs the closed-form loop, ``order
+            first``).
         flipped_features: ``(N, D)`` features of the flipped images: the support set becomes
             ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way`` throughout).
     Returns:
@@ -222,8 +197,8 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
         f_s, k = f[:, :n_s], shot
         if flipped_features is not None:
             f_s, k = torch.cat([f_s, flipped_features[idx[:, :n_s]]], dim=1), 2 * shot   # (e, 2 n_s, D)
-        logits = _classify(f_s, f[:, n_s:], way, k, init_w, init_b, steps, lr, classifier,
-                           loss_scale, order="first")
+        y_s = episode_labels(way, k).to(features.device).expand(len(idx), -1)
+        logits = head.fit(f_s, y_s).logits(f[:, n_s:])
         y_q = episode_labels(way, (idx.shape[1] - n_s) // way).to(features.device)
         acc = (logits.argmax(-1) == y_q).float().mean(1)
         out = torch.cat([acc, torch.isfinite(logits).all().float()[None]]).cpu()  # one transfer: accs and the check
@@ -234,11 +209,11 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
 
 
 def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
-                      shot: int, init_w: torch.Tensor, init_b: torch.Tensor, steps: int, lr: float,
-                      device: torch.device, classifier: str = "finetune", loss_scale: float = 1.0,
-                      progress: bool = False, amp: bool | str = False, flip_support: bool = False) -> np.ndarray:
-    """The per-episode reference path: each episode's images go through the encoder (eval mode) and the
-    inner loop runs with autograd, one episode at a time. ``amp``: the encoder runs under
+                      shot: int, head: FewShotHead, device: torch.device, progress: bool = False,
+                      amp: bool | str = False, flip_support: bool = False) -> np.ndarray:
+    """The per-episode reference path: each episode's images go through the encoder (eval mode) and ``head`` is
+    fitted and scores it, one episode at a time (``evaluate`` gives the ``finetune`` head the autograd inner loop,
+    ``order autograd``). ``amp``: the encoder runs under
     :func:`utils.gpu_tools.autocast` and its features are cast back to float32, as in :func:`encode_split`.
     The query is one batch, the support another (with ``flip_support``: the support images then their horizontal
     flips, ``(2 * way * shot, 3, S, S)``, as the TF test graph's ``inputa``).
@@ -264,8 +239,7 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
             f_q = encoder(x[n_s:]).float()
             f_s = encoder(x_s).float()
         with torch.enable_grad():
-            logits = _classify(f_s[None], f_q[None], way, k, init_w, init_b, steps, lr, classifier,
-                               loss_scale, order="autograd")
+            logits = head.fit(f_s[None], episode_labels(way, k).to(device)[None]).logits(f_q[None])
         y_q = episode_labels(way, (len(ep) - n_s) // way).to(device)
         acc = (logits[0].argmax(-1) == y_q).float().mean()
         checks = torch.stack([torch.isfinite(f_q).all(), torch.isfinite(f_s).all(), torch.isfinite(logits).all()])
