@@ -51,8 +51,13 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.info, f)
+        self.held = True  # ours from here on: a signal while it is being written must not leave it behind
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+        except BaseException:
+            self.release()
+            raise
         return True
 
     def _read(self) -> dict:
@@ -73,7 +78,6 @@ class RunLock:
         os.makedirs(self.folder, exist_ok=True)
         for _ in range(3):
             if self._create():
-                self.held = True
                 return
             other = self._read()
             if not other:
@@ -98,7 +102,9 @@ class RunLock:
         try:
             with open(self.path) as f:
                 mine = json.load(f).get("pid") == self.info["pid"]
-        except (OSError, ValueError):
+        except ValueError:  # our own lock, interrupted before its content was written (no other run takes it over)
+            mine = True
+        except OSError:
             mine = False
         if mine:
             os.unlink(self.path)
