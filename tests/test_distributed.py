@@ -15,7 +15,7 @@ float32 rounding, and the optimizer turns that into:
   for the default betas (Kingma & Ba 2015, Sec. 2.1), so any two runs with the same schedule are within
   ``B = 2 c * sum of the step sizes`` of each other. We require ``B / 100``: a real error (a task dropped or
   weighted twice, a shard's gradient lost) changes each step's update by O(lr), i.e. O(B / 6), and fails it, while
-  rounding stays far inside (measured, ``pytest -s`` prints it: meta-train 12 steps, B = 0.076, largest
+  rounding stays far inside (measured, ``pytest -n 0 -m slow -s`` prints it: meta-train 12 steps, B = 0.076, largest
   difference 2.4e-6; pre-train 14 steps, B = 0.177, 1.7e-6). A conv bias ahead of BN (conv4, resnet25's stem;
   resnet12_slim has none) has a true gradient of exactly zero, so its float32 gradient is rounding noise that
   Adam turns into lr-sized steps, in one process too: for those, and the BN running means that follow them, only
