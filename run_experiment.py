@@ -610,7 +610,7 @@ def _demo(smoke: bool = False) -> list[tuple[str, list[str], dict[str, tuple]]]:
     base = _flags(d) + ["--dataset", "glyphs", "--device", DEVICE]
     src = {**_labels(smoke, "DEMO", "DEMO_SMOKE", d), "--device": ("DEVICE",)}
     pre_ckpt = RunPaths(d["log_root"], "glyphs", d["backbone"]).pre_checkpoint()  # where main.py writes it
-    again = ["--overwrite"]  # the DEMO always starts afresh; an earlier DEMO's runs are moved aside, not deleted
+    again = ["--overwrite"]  # the DEMO always starts afresh (in a root it owns, claim_log_root: no earlier run there)
     out = [("pre-train", main_cmd("pre_train", base + again), src)]
     for shot in (1, 5):
         s = ["--shot", str(shot), "--meta_label", "demo"]
@@ -715,9 +715,28 @@ def run(cmd: list[str], dry: bool, sources: dict[str, tuple] | None = None) -> N
         sys.exit(rc)
 
 
+# What DEMO and ABLATION wrote into their log roots before the roots were marked (utils.run_lock.OWNER_NAME): such
+# an unmarked root is theirs too (claim_owned_folder).
+DEMO_ENTRIES = ("pre", "meta", "summary.json")
+ABLATION_ENTRIES = ("pre", "meta", "ablation_timing.json", "report")
+
+
+def claim_log_root(owner: str, root: str, entries: tuple[str, ...], dry: bool) -> None:
+    """DEMO and ABLATION own their log roots: each start keeps only the previous one's files, as
+    ``<root>.previous`` (``utils.run_lock.claim_owned_folder``), so repeated runs leave no pile of
+    ``.old-<time>`` folders; one printed line says what happened (under ``--dry_run``, what would)."""
+    if dry:
+        print(f"# {owner} owns {root}: before it runs, the previous {owner}'s files become {root}.previous and "
+              "older ones are deleted", flush=True)
+        return
+    from utils.run_lock import claim_owned_folder
+    print(claim_owned_folder(root, owner, entries), flush=True)
+
+
 def demo(dry: bool, smoke: bool = False) -> None:
     import time
     t0 = time.perf_counter()
+    claim_log_root("DEMO", demo_settings(smoke)["log_root"], DEMO_ENTRIES, dry)
     for _, cmd, src in _demo(smoke):
         run(cmd, dry, src)
     if dry:
@@ -817,6 +836,7 @@ def ablation(dry: bool, smoke: bool = False) -> None:
     import time
     cmds = _ablation(smoke)
     root = ablation_settings(smoke)["log_root"]
+    claim_log_root("ABLATION", root, ABLATION_ENTRIES, dry)
     t_start, steps = time.perf_counter(), []
     for name, cmd, src in cmds:
         if name == "report" and not dry:

@@ -2,7 +2,9 @@
 
 Every run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2 main.py ...`` or ``main.py``
 (in this process) on a tiny ``.npz`` (10/6/6 classes of 20 images, 16 px; meta-train and meta-test resnet12_slim
-with its recipe, paper: second order; pre-train conv4), one thread per process.
+with its recipe, paper: second order; pre-train conv4), one thread per process. Each launch starts 2-3 interpreters
+that import torch (a few seconds each), so every test that launches is ``slow`` (``python -m pytest -m slow``, run
+by CI); the README's command runs the sharding test here and ``tests/utils/test_collectives.py``'s 2 processes.
 
 Tolerances, and why. The two runs compute the same sums in another order (a meta-batch's task gradients summed
 per rank and then across ranks; BN running statistics composed rank by rank, ``utils.distributed``; pre-train:
@@ -13,7 +15,7 @@ float32 rounding, and the optimizer turns that into:
   for the default betas (Kingma & Ba 2015, Sec. 2.1), so any two runs with the same schedule are within
   ``B = 2 c * sum of the step sizes`` of each other. We require ``B / 100``: a real error (a task dropped or
   weighted twice, a shard's gradient lost) changes each step's update by O(lr), i.e. O(B / 6), and fails it, while
-  rounding stays far inside (measured, ``pytest -s`` prints it: meta-train 12 steps, B = 0.076, largest
+  rounding stays far inside (measured, ``pytest -n 0 -m slow -s`` prints it: meta-train 12 steps, B = 0.076, largest
   difference 2.4e-6; pre-train 14 steps, B = 0.177, 1.7e-6). A conv bias ahead of BN (conv4, resnet25's stem;
   resnet12_slim has none) has a true gradient of exactly zero, so its float32 gradient is rounding noise that
   Adam turns into lr-sized steps, in one process too: for those, and the BN running means that follow them, only
@@ -180,6 +182,7 @@ def meta_runs(npz, tmp_path_factory):
     return base, out, killed_at
 
 
+@pytest.mark.slow
 def test_meta_train_two_processes_agree_with_one(meta_runs):
     base, out, _ = meta_runs
     one, two = base / "one" / META_DIR, base / "two" / META_DIR
@@ -194,6 +197,7 @@ def test_meta_train_two_processes_agree_with_one(meta_runs):
     assert args["world_size"] == 2 and json.loads((one / "args.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_rank_0_alone_writes_one_copy_of_each_file(meta_runs):
     base, _, _ = meta_runs
     two = base / "two" / META_DIR
@@ -207,6 +211,7 @@ def test_rank_0_alone_writes_one_copy_of_each_file(meta_runs):
     assert files(base / "two") == files(base / "one")
 
 
+@pytest.mark.slow
 def test_killed_torchrun_run_resumes_to_the_uninterrupted_one(meta_runs):
     base, out, killed_at = meta_runs
     assert 1 <= killed_at < EPOCHS
@@ -219,6 +224,7 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_one(meta_runs):
     assert [s for s, _ in tb_scalars(b)["meta/val_acc"]] == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.slow
 def test_meta_train_resumes_on_another_number_of_processes(meta_runs):
     """Killed on 2 processes, resumed on 1: ends as the uninterrupted 2-process run, to the tolerances above."""
     base, out, killed_at = meta_runs
@@ -230,6 +236,7 @@ def test_meta_train_resumes_on_another_number_of_processes(meta_runs):
     assert json.loads((b / "args.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_meta_test_accuracies_identical(npz, meta_runs):
     """Both evaluation paths (bank, episodic), 1 process against 2, on the meta-trained checkpoint."""
     base, _, _ = meta_runs
@@ -264,6 +271,7 @@ def pre_flags(npz: str, root: Path, batch: int) -> list[str]:
             "--device", "cpu", "--cache_dir", "none", "--log_root", str(root)]
 
 
+@pytest.mark.slow
 def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
     """Global batch 32: 1 process x 32 against 2 x 16 (200 images: 7 steps an epoch, the last one of 8 images),
     with --sync_bn (BN statistics of the global batch) and no augmentation (its draws are per shard).
@@ -291,6 +299,7 @@ def test_pre_train_same_global_batch_agrees(npz, tmp_path, capsys):
            "with torchrun --nproc_per_node=2 (or python main.py for 1)" in err
 
 
+@pytest.mark.slow
 def test_pre_train_stopped_and_resumed_under_torchrun_equals_uninterrupted(npz, tmp_path):
     """Pre-train on 2 processes with augmentation (each rank draws its own shard's crops and flips): stopped after
     epoch 1 and resumed on 2 processes, it ends bit-identical to the uninterrupted run (``resume.pth`` keeps every
@@ -312,6 +321,7 @@ def test_pre_train_stopped_and_resumed_under_torchrun_equals_uninterrupted(npz, 
     assert not torch.equal(st["rank_states"][0]["aug_gen"], st["rank_states"][1]["aug_gen"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dying_or_hanging_rank_ends_the_run_with_a_message(npz, tmp_path, fault):
     """Two ranks started by hand (no torchrun agent to clean up); mid-run rank 1 is killed (SIGKILL) or frozen

@@ -424,3 +424,91 @@ def test_sigterm_to_the_launcher_alone_reaches_main_py(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 143, (p.returncode, err[-3000:])
     assert "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------ issue 24: DEMO and ABLATION own their log roots
+def _fake_main(log: list):
+    """Stands in for ``run_experiment.run``: each main.py command leaves the files DEMO / ABLATION read afterwards
+    (a training's trlog.json, a test's results file), stamped with the start's number ``log[0]``."""
+    import json
+
+    from utils.settings import RunPaths
+
+    def run(cmd, dry, sources=None):
+        if cmd[1] != rx.script("main.py"):
+            return  # the glyph benchmark, the report
+        args = parse_args(cmd[2:])
+        paths = RunPaths.from_args(args)
+        if args.phase == "meta_eval":
+            folder = os.path.dirname(args.eval_weights) if args.eval_weights else paths.meta_dir
+            name = f"results_pretrained_5way{args.shot}shot.json" if args.eval_weights else "results.json"
+        else:
+            folder, name = (paths.pre_dir if args.phase == "pre_train" else paths.meta_dir), "trlog.json"
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump({"start": log[0], "mean": 50.0, "ci95": 1.0, "episodes": 50}, f)
+    return run
+
+
+@pytest.mark.parametrize("mode", ["DEMO", "ABLATION"])
+def test_demo_and_ablation_keep_only_the_previous_run(mode, monkeypatch, tmp_path, capsys):
+    """Three starts leave the root and ``<root>.previous`` (the second start's files) and no ``.old-<time>``
+    folder; each start says so in its first line."""
+    import json
+    root = tmp_path / "logs" / mode.lower()
+    smoke = "DEMO_SMOKE" if mode == "DEMO" else "ABLATION_SMOKE"
+    monkeypatch.setattr(rx, smoke, dict(getattr(rx, smoke), log_root=str(root),
+                                        **({"report_dir": str(root / "report")} if mode == "ABLATION" else {})))
+    start = [0]
+    monkeypatch.setattr(rx, "run", _fake_main(start))
+    lines = []
+    for start[0] in (1, 2, 3):
+        rx.cli([mode, "--smoke"])
+        lines.append(capsys.readouterr().out.splitlines()[0])
+    assert lines[0] == (f"{mode} owns {root} (no earlier run there): the next {mode} keeps this one's files as "
+                        f"{root}.previous and deletes older ones")
+    assert lines[1] == (f"{mode} owns {root}: the previous {mode}'s files are now {root}.previous; a {mode} keeps "
+                        "only the previous one")
+    assert lines[2] == (f"{mode} owns {root}: the previous {mode}'s files are now {root}.previous (the one before "
+                        f"was deleted); a {mode} keeps only the previous one")
+    assert sorted(os.listdir(root.parent)) == [mode.lower(), f"{mode.lower()}.previous"]
+    trlogs = {p.parents[2].name: p for p in root.parent.rglob("pre/*/trlog.json")}
+    assert {k: json.loads(p.read_text())["start"] for k, p in trlogs.items()} == {root.name: 3,
+                                                                                 f"{root.name}.previous": 2}
+    assert not [p for p in root.parent.rglob("*") if ".old-" in p.name or ".deleting-" in p.name]
+
+
+def test_a_root_with_files_no_demo_wrote_or_a_live_run_is_left_alone(monkeypatch, tmp_path, capsys):
+    """DEMO deletes only what a DEMO wrote: a root holding another file, a root whose run is still going on
+    (its lock's process is alive), and a ``.previous`` that is not a DEMO's are not moved or deleted; a root of
+    an earlier DEMO version (no ``.owner``, only DEMO's entries) is taken as DEMO's."""
+    from tests.trainer.test_resume import hashes
+    from utils.run_lock import claim_owned_folder
+    root = tmp_path / "demo"
+    (root / "pre" / "glyphs_conv4").mkdir(parents=True)
+    (root / "pre" / "glyphs_conv4" / "trlog.json").write_text("[]")
+    (root / "notes.txt").write_text("mine")
+    before = hashes(tmp_path)
+    assert claim_owned_folder(str(root), "DEMO", rx.DEMO_ENTRIES) == (
+        f"{root} holds files that no DEMO wrote (no .owner naming DEMO): nothing is moved or deleted; an earlier "
+        "run in a run folder is moved aside to <folder>.old-<time> (--overwrite)")
+    assert hashes(tmp_path) == before
+    (root / "notes.txt").unlink()  # now as an earlier DEMO version left it
+    lock = root / "pre" / "glyphs_conv4" / ".lock"
+    lock.write_text(f'{{"pid": {os.getpid()}, "host": "{__import__("socket").gethostname()}", "started": "now"}}')
+    before = hashes(tmp_path)
+    assert claim_owned_folder(str(root), "DEMO", rx.DEMO_ENTRIES).startswith(
+        f"{root} is in use by process {os.getpid()} on ")
+    assert hashes(tmp_path) == before
+    lock.unlink()
+    (tmp_path / "demo.previous").mkdir()
+    (tmp_path / "demo.previous" / "keep.txt").write_text("not a DEMO's")
+    before = hashes(tmp_path)
+    assert claim_owned_folder(str(root), "DEMO", rx.DEMO_ENTRIES).startswith(
+        f"{root}.previous is not an earlier DEMO's folder (no .owner naming DEMO): nothing is moved or deleted")
+    assert hashes(tmp_path) == before
+    (tmp_path / "demo.previous" / "keep.txt").unlink()
+    (tmp_path / "demo.previous").rmdir()
+    assert "the previous DEMO's files are now" in claim_owned_folder(str(root), "DEMO", rx.DEMO_ENTRIES)
+    assert (tmp_path / "demo.previous" / "pre" / "glyphs_conv4" / "trlog.json").read_text() == "[]"
+    assert sorted(os.listdir(root)) == [".owner"]

@@ -56,10 +56,17 @@ from utils.settings import RunPaths, Settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMP_TOL = 1.0        # points: bf16 vs fp32 meta-test of one checkpoint, same episodes
 AMP_TRAIN_TOL = 5.0  # points: an AMP-trained pipeline vs the fp32-trained one
+# "flags": main.py flags added to every run. FULL keeps the recipes' batch, query and inner-loop sizes (what the
+# projections are of); TINY, which only checks that every step runs and the JSON holds every figure, shrinks them
+# too: at the recipes' batch 64 / 128, 15 queries and the official recipe's 100 inner steps its 8 runs took 42 s of
+# CPU time (in one process, OMP_NUM_THREADS=1, on the 2-core VM; tests/tools/test_gpu_check.py), at these 26 s.
 FULL = {"classes": (64, 16, 20), "per_class": 600, "size": 84, "pre_iters": 300, "meta_iters": 150,
-        "test_episodes": 600, "official_pre_iters": 100, "official_meta_iters": 50, "official_size": 80}
+        "test_episodes": 600, "official_pre_iters": 100, "official_meta_iters": 50, "official_size": 80,
+        "val_episodes": 100, "official_val_episodes": 20, "official_update_step": 100, "flags": []}
 TINY = {"classes": (8, 5, 5), "per_class": 20, "size": 16, "pre_iters": 3, "meta_iters": 2, "test_episodes": 20,
-        "official_pre_iters": 2, "official_meta_iters": 1, "official_size": 16}
+        "official_pre_iters": 2, "official_meta_iters": 1, "official_size": 16,
+        "val_episodes": 5, "official_val_episodes": 5, "official_update_step": 5,
+        "flags": ["--pre_batch_size", "16", "--train_query", "3", "--val_query", "3"]}
 CONFIGS = {"fp32": [], "amp": ["--amp", "--channels_last"], "compile": ["--amp", "--channels_last", "--compile"]}
 
 
@@ -115,7 +122,7 @@ def pipeline(pack: str, out: str, cfg: dict, name: str, extra: list[str], log: l
     root = os.path.join(out, "runs", name)
     common = ["--dataset", "custom", "--dataset_dir", pack, "--backbone", "resnet12", "--recipe", "paper",
               "--image_size", str(cfg["size"]), "--log_root", root, "--seed", "1", "--quiet", "--overwrite",
-              "--num_val_episodes", "100"] + extra
+              "--num_val_episodes", str(cfg["val_episodes"])] + extra + cfg["flags"]
     res = train(common, root, "resnet12", cfg["pre_iters"], cfg["meta_iters"], log)
     test = run_main(["--phase", "meta_eval", "--num_test_episodes", str(cfg["test_episodes"])]
                     + [a for a in common if a != "--overwrite"], log)
@@ -153,7 +160,8 @@ def official(pack: str, out: str, cfg: dict, log: list[dict]) -> dict[str, Any]:
     root = os.path.join(out, "runs", "official")
     common = ["--dataset", "custom", "--dataset_dir", pack, "--backbone", "resnet25", "--recipe", "pytorch",
               "--image_size", str(cfg["official_size"]), "--log_root", root, "--seed", "1", "--quiet", "--overwrite",
-              "--num_val_episodes", "20", "--update_step", "100"]
+              "--num_val_episodes", str(cfg["official_val_episodes"]), "--update_step",
+              str(cfg["official_update_step"])] + cfg["flags"]
     return train(common, root, "resnet25", cfg["official_pre_iters"], cfg["official_meta_iters"], log)
 
 

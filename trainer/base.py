@@ -450,7 +450,9 @@ class BaseTrainer:
         with ExitStack() as held:  # under torchrun rank 0 holds the lock and writes; the others only compute
 
             def claim() -> None:
-                held.enter_context(RunLock(self.log_dir))
+                lock = RunLock(self.log_dir)
+                held.callback(lock.release)  # registered before acquire: a signal inside it still removes the lock
+                lock.acquire()
                 if not a.resume and holds_run(self.log_dir):
                     if not a.overwrite and not os.path.isfile(os.path.join(self.log_dir, "resume.pth")):
                         # (a run killed after an epoch's first files, before its commit point: --resume would fail)

@@ -269,6 +269,8 @@ def test_test_load_meta_tests_downloaded_tf_weights(monkeypatch, tmp_path, capfd
 def test_meta_load_meta_trains_from_downloaded_tf_weights(monkeypatch, tmp_path, capfd):
     dl = _rx_setup(monkeypatch, tmp_path)
     official_files(dl, widths=SLIM, seed=2, ss=False)   # a pre-trained weights.npy is all META_LOAD reads
+    run = rx.run  # the seed has no constant for the validation episodes: main.py's 600 took 40 s of this test
+    monkeypatch.setattr(rx, "run", lambda cmd, dry, sources=None: run(cmd + ["--num_val_episodes", "5"], dry, sources))
     rc, cap = _run_rx("META_LOAD", monkeypatch, capfd)
     assert rc == 0, cap.err
     assert "TensorFlow pre-trained weights" in cap.out
