@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import run_experiment as rx
+from config.options import parse_args
 from tests.test_errors import RUN_EXPERIMENT_ROWS, check_output
-from utils.options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

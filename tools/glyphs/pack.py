@@ -141,12 +141,6 @@ def finalize_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, np.n
     return arrays
 
 
-def read_meta(path: str) -> dict:
-    """The ``meta_json`` object of a pack."""
-    with np.load(path, allow_pickle=False) as data:
-        return json.loads(str(data["meta_json"]))
-
-
 def verify_pack(path: str, expected: dict[str, str] | None = None) -> bool:
     """Whether the arrays of ``path`` match ``expected`` sha256s (default: the pack's own ``meta_json``)."""
     try:

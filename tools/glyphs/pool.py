@@ -63,11 +63,6 @@ def _screen_indices(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, SCREEN_CHARS)).round().astype(int))
 
 
-def select_faces(script: str, chars: str, faces: Sequence[Face]) -> ScriptFaces:
-    """Keep the faces whose cmap covers ``chars`` and screen them with ``screen_faces``."""
-    return screen_faces(script, chars, [f for f in faces if f.covers(chars)])
-
-
 def screen_faces(script: str, chars: str, covering: Sequence[Face]) -> ScriptFaces:
     """Drop empty / alike / duplicate faces among ``covering`` and average the clean renders.
 
