@@ -1,6 +1,8 @@
 """Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
 
-The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
+The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``config/options.py``; the phases
+are :data:`PHASES` (a name -> its runner; adding a phase is one function and its line there, plus its name in
+``config.options.PHASES`` with its flags).
 Errors caused by input (missing data, bad checkpoints, impossible settings, a full disk) print one ``error: ...``
 line and exit with status 2; out of memory exits 3; a ``meta_eval`` that printed its accuracy but could not write its
 results file exits 5. An interrupt (Ctrl-C = SIGINT, SIGTERM as ``timeout``, SLURM and Kubernetes send, SIGHUP) ends
@@ -13,9 +15,17 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # (annotations only: main.py imports the trainers when a phase runs)
+    import argparse
+
+    import torch
+
+    from config.settings import Settings
 
 
 HT_OPTIONS = ("ht_normal_tasks", "ht_hard_tasks", "ht_update", "ht_start_epoch")
@@ -25,7 +35,7 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
     """Checks that need more than one flag, the phase, or the backbone registry: a ``UserError`` for flags that
     contradict each other or ask for something the phase would silently not do; the returned lines are warnings
     for flags that are merely useless here (docs/ERRORS.md, "Flags that conflict"). ``given``: the flags given on
-    the command line (:func:`utils.options.explicit_flags`; a recipe's or the parser's default is not "given")."""
+    the command line (:func:`config.options.explicit_flags`; a recipe's or the parser's default is not "given")."""
     from models.resnet_mtl import min_image_size
     warnings = []
     if args.way < 2:
@@ -64,7 +74,7 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
             warnings.append("warning: --hard_task with --ht_hard_tasks 0 records failure classes but runs no hard "
                             "task")
     if phase == "meta_eval" and args.init_weights is not None and args.eval_weights is None:
-        from utils.settings import RunPaths
+        from config.settings import RunPaths
         warnings.append(f"note: --init_weights is read by meta_train only; meta_eval tests "
                         f"{RunPaths.from_args(args).meta_checkpoint} (pass --eval_weights to test another checkpoint)")
     last = {"pre_train": args.pre_max_epoch, "meta_train": args.max_epoch}.get(phase)
@@ -105,13 +115,56 @@ def join_processes(args, device):
     return device
 
 
-def main(argv: Sequence[str] | None = None) -> dict | str:
-    from utils.options import describe_dataset, describe_recipe, explicit_flags, parse_args
+# ------------------------------------------------------------------------------------------------------ the phases
+# (each runner imports its trainer when it runs: main.cli installs the signal handlers before the slow imports)
+@dataclass(frozen=True)
+class Phase:
+    """One ``--phase``: ``run(settings, device)`` does it and returns its result (a checkpoint path, a results
+    dict); ``prepare(args)``, where given, runs on the parsed flags before the settings are built and returns lines
+    to print after the run's header."""
+
+    run: Callable[["Settings", "torch.device"], Any]
+    prepare: Callable[["argparse.Namespace"], list[str]] | None = None
+
+
+def pre_train(settings: "Settings", device: "torch.device") -> str:
+    """Pre-train the backbone on the base classes (``trainer/pre.py``); returns the best checkpoint's path."""
+    from trainer.pre import PreTrainer
+    return PreTrainer(settings, device).run()
+
+
+def meta_train(settings: "Settings", device: "torch.device") -> str:
+    """Meta-train SS and the base learner's initialisation (``trainer/meta.py``); returns the best checkpoint's path."""
+    from trainer.meta import MetaTrainer
+    return MetaTrainer(settings, device).run()
+
+
+def meta_eval(settings: "Settings", device: "torch.device") -> dict:
+    """Meta-test a checkpoint on fixed test episodes (``trainer/meta.py``); returns the results dict."""
+    from trainer.meta import meta_eval as run
+    return run(settings, device)
+
+
+def prepare_meta_eval(args: "argparse.Namespace") -> list[str]:
+    """``meta_eval``'s preparation: the model flags left out come from the checkpoint's spec, given ones are checked
+    (:func:`config.settings.model_flags_from_checkpoint`)."""
+    from config.settings import model_flags_from_checkpoint
+    return model_flags_from_checkpoint(args)
+
+
+# The phases, in the order of config.options.PHASES (--phase's choices; tests/test_phases.py checks that the two agree).
+PHASES: dict[str, Phase] = {
+    "pre_train": Phase(pre_train),
+    "meta_train": Phase(meta_train),
+    "meta_eval": Phase(meta_eval, prepare=prepare_meta_eval),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    from config.options import describe_dataset, describe_recipe, explicit_flags, parse_args
     args = parse_args(argv)
-    checkpoint_lines = []
-    if args.phase == "meta_eval":  # the model flags left out come from the checkpoint's spec; given ones are checked
-        from trainer.meta import model_flags_from_checkpoint
-        checkpoint_lines = model_flags_from_checkpoint(args)
+    phase = PHASES[args.phase]
+    prepared = phase.prepare(args) if phase.prepare is not None else []
 
     from utils.gpu_tools import set_gpu
     set_gpu(args.gpu)
@@ -137,18 +190,11 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
               f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
     print(describe_dataset(args), flush=True)
-    for line in checkpoint_lines:
+    for line in prepared:
         print(line, flush=True)
-    from utils.settings import Settings
+    from config.settings import Settings
     settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
-    if args.phase == "pre_train":
-        from trainer.pre import PreTrainer
-        return PreTrainer(settings, device).run()
-    if args.phase == "meta_train":
-        from trainer.meta import MetaTrainer
-        return MetaTrainer(settings, device).run()
-    from trainer.meta import meta_eval
-    return meta_eval(settings, device)
+    return phase.run(settings, device)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ Edit the constants to change the experiment. Before anything runs (``--dry_run``
 (type, range, the constants that contradict each other, main.py's own checks of each command; ``check_constants``):
 a wrong one is one line naming it and its line here, exit 2. Every command is printed before it runs, so each
 experiment can be repeated by hand. The hyperparameters themselves are defined (with help texts and ranges) in
-``utils/options.py``.
+``config/options.py``.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ import shlex
 import subprocess
 import sys
 
-from utils.options import (build_parser, gpu_list, image_px, keep_rate, momentum, nonneg_float, nonneg_int, path_text,
-                           positive_float, positive_int, query_count, seed_int, timeout_seconds)
-from utils.settings import RunPaths
+from config.options import (build_parser, gpu_list, image_px, keep_rate, momentum, nonneg_float, nonneg_int,
+                            path_text, positive_float, positive_int, query_count, seed_int, timeout_seconds)
+from config.settings import RunPaths
 
 
 def _under(folder: object, *names: str) -> str | None:
@@ -208,7 +208,7 @@ def common_flags(recipe: str) -> list[str]:
 # The check of the constants: before any command runs (--dry_run included), each constant's type and range, then
 # the relations between constants, then main.py's own checks of every command line the mode builds. The first
 # problem stops with one line naming the constant and its line in this file, exit 2. A constant that sets a main.py
-# flag is checked with that flag's type and range (utils/options.py, their one definition); so are the entries of
+# flag is checked with that flag's type and range (config/options.py, their one definition); so are the entries of
 # DEMO / ABLATION (main.py flags by name). The constants without a flag of their own:
 OWN_CHECKS = {
     "PRE_TRA_ITER_MAX": positive_int, "PRE_DROP_STEP": positive_int, "PRE_ITER": positive_int,
@@ -297,7 +297,7 @@ def _a(value: object) -> str:
 
 
 def _range(check, value: object) -> str | None:
-    """What ``check`` (a value type of utils/options.py) says about ``value``, without main.py's wording."""
+    """What ``check`` (a value type of config/options.py) says about ``value``, without main.py's wording."""
     try:
         check(str(value))
     except argparse.ArgumentTypeError as e:
@@ -307,7 +307,7 @@ def _range(check, value: object) -> str | None:
 
 def problem(value: object, check) -> str | None:
     """Why ``value`` cannot be a constant checked by ``check`` (a main.py flag's argparse action, a value type of
-    utils/options.py, or bool / list / dict), or None: its type (:func:`type_problem`), then its range (the value
+    config/options.py, or bool / list / dict), or None: its type (:func:`type_problem`), then its range (the value
     type's own check). A bool is never a number here (``True`` is an int in Python); an int is a number where a
     float is needed."""
     why = type_problem(value, check)
@@ -455,8 +455,8 @@ def _main_refuses(flags: list[str]) -> str | None:
     import io
 
     import main
+    from config.options import explicit_flags, parse_args
     from utils.errors import UserError
-    from utils.options import explicit_flags, parse_args
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):

@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ import numpy as np
 from data_generator.decoding import read_failure
 from data_generator.hygiene import SplitSummary
 from utils.errors import UserError
-from utils.misc import pid_alive
+from utils.misc import host_tag, listing, remove_orphaned_files
 
 __all__ = ["CACHE_VERSION", "KEY_SCHEME", "ImageSet", "Prepared", "cached", "cache_key", "stat_key", "peek_record",
            "record_summary", "CacheEntry", "image_digests", "digests_hex", "digests_from_hex", "lookup_cache",
@@ -228,27 +227,15 @@ def cache_paths(cache_dir: str, key: str) -> tuple[str, str]:
     return os.path.join(cache_dir, f"{key}.npy"), os.path.join(cache_dir, f"{key}.json")
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
-
-
 def _tmp_name(path: str) -> str:
     d, base = os.path.split(path)
-    return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}")
+    return os.path.join(d, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}@{host_tag()}")
 
 
-def _started_after(pid: int, mtime: float) -> bool:
-    """True when process ``pid`` (Linux ``/proc``) started after ``mtime``: then it cannot have written a file last
-    modified at ``mtime``, and the pid was reused. False when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as fh:
-            btime = next(int(ln.split()[1]) for ln in fh if ln.startswith(b"btime"))
-        start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
-    return start > mtime + 2.0  # /proc's start time is rounded to clock ticks and btime to seconds
+def _tmp_owner(name: str) -> tuple[int, str | None] | None:
+    """The writer a cache temporary names: ``(pid, host)`` (host None: a version-1 name, which named none)."""
+    m = _TMP.match(name)
+    return (int(m.group("pid")), m.group("host")) if m else None
 
 
 def _size(n: float) -> str:
@@ -262,39 +249,16 @@ def _size(n: float) -> str:
 def remove_orphans(cache_dir: str) -> list[tuple[str, int]]:
     """Remove the temporary files of dead processes from ``cache_dir``; return ``[(path, bytes)]`` removed.
 
-    A temporary file ``.<name>.tmp-<pid>-<hex>[@<host>]`` is orphaned when it was made on this host (or names no
-    host: the names of version 1) and process ``pid`` no longer exists, or exists but started after the file was
-    last written (its pid was reused). Removing them prints one line with their names and total size. Files of live
-    processes and of other hosts stay; a folder that cannot be listed or written is left as it is (silently: the
-    caller reports what it cannot do).
+    A temporary file ``.<name>.tmp-<pid>-<hex>[@<host>]`` is orphaned by the one rule of every temporary file
+    (:func:`utils.misc.orphaned`): made on this host (or naming no host: the names of version 1) by a process that
+    no longer exists, or whose pid was reused since. Removing them prints one line with their names and total size.
+    Files of live processes and of other hosts stay; a folder that cannot be listed or written is left as it is
+    (silently: the caller reports what it cannot do).
     """
-    try:
-        names = os.listdir(cache_dir)
-    except OSError:
-        return []
-    me = _host()
-    removed: list[tuple[str, int]] = []
-    for name in sorted(names):
-        m = _TMP.match(name)
-        if not m or (m.group("host") not in (None, me)):
-            continue
-        pid = int(m.group("pid"))
-        path = os.path.join(cache_dir, name)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if pid == os.getpid() or (pid > 0 and pid_alive(pid) and not _started_after(pid, st.st_mtime)):
-            continue  # a live build (this process's own included)
-        try:
-            os.remove(path)
-        except OSError:
-            continue
-        removed.append((path, int(st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size)))
+    removed = remove_orphaned_files(cache_dir, _tmp_owner)
     if removed:
         total = sum(b for _, b in removed)
-        shown = ", ".join(os.path.basename(p) for p, _ in removed[:2]) + (
-            f" and {len(removed) - 2} more" if len(removed) > 2 else "")
+        shown = listing([os.path.basename(p) for p, _ in removed], 2)
         print(f"removed {len(removed)} orphaned temporary file(s) of processes that no longer exist from the image "
               f"cache {cache_dir} ({_size(total)} on disk): {shown}", flush=True)
     return removed

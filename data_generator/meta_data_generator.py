@@ -3,8 +3,9 @@
 Everything that knows how an episode is laid out lives here: :func:`layout` (per-class draws -> an episode),
 :class:`Task` (an episode's support, query, labels and class ids), :func:`episode_labels`, :func:`by_class` (rows of
 the layout grouped per class); the samplers (:class:`CategoriesSampler`, :func:`fixed_episodes`) and the hard-task
-planner (``trainer/hard_tasks.py``) make episodes only through :func:`layout`, and evaluation, the meta-trainer and
-the glyph baseline read them only through :class:`Task`, :func:`episode_labels` and :func:`by_class`.
+planner (``data_generator/hard_tasks.py``) make episodes only through :func:`layout`, and evaluation, the
+meta-trainer and the glyph baseline read them only through :class:`Task`, :func:`episode_labels` and
+:func:`by_class`.
 
 Episode layout (as the official PT ``CategoriesSampler``): an episode is an int64 array of ``way * (shot + query)``
 image indices, **support first, then query, each interleaved by class**::

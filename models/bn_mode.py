@@ -18,7 +18,7 @@ the conv bias and the SS shift do not change the features; they exist so that th
 model tensor by tensor (``models/tf_weights.py``) and round-trip.
 
 With ``tf`` a feature depends on the other images of its batch, so evaluation encodes each episode's support and
-query as their own batches (``--eval_mode episodic``, which ``utils.settings`` selects), as the TF test graph does.
+query as their own batches (``--eval_mode episodic``, which ``config.settings`` selects), as the TF test graph does.
 
 This is a module swap applied after a backbone is built (:func:`apply_bn_mode`), so no backbone builder changes.
 """

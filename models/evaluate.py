@@ -34,6 +34,7 @@ inner loop would otherwise score every query as class 0, a chance-level accuracy
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,15 +47,37 @@ from utils import distributed
 from utils.finite import NonFiniteError, all_finite, first_nonfinite_row
 from utils.gpu_tools import autocast, to_device
 from utils.misc import mean_ci
-from utils.settings import EvalSettings
 
 from .bn_mode import batch_dependent
-from .heads import HEADS, FewShotHead, make_head
+from .heads import HEADS, FewShotHead, InnerLoop, make_head
 
 if TYPE_CHECKING:  # (annotations only)
     from data_generator.dataset_loader import ImageSet
 
-__all__ = ["hflip", "encode_split", "evaluate", "evaluate_bank", "evaluate_episodic"]
+__all__ = ["EvalSettings", "hflip", "encode_split", "evaluate", "evaluate_bank", "evaluate_episodic"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One few-shot evaluation (pre-train validation, meta-validation, meta-test): ``episodes`` fixed episodes of
+    ``way`` x (``shot`` + ``query``) drawn with ``seed``; ``mode`` bank | episodic; ``classifier`` the few-shot head
+    (a key of :data:`models.heads.HEADS`: finetune, the inner loop ``inner``; centroid, nearest class mean);
+    ``flip_support``: the support set also holds each support image's horizontal flip (the TF test protocol's
+    ``base_augmentation``). ``config/settings.py`` builds the three of a run from the flags."""
+
+    way: int
+    shot: int
+    query: int
+    episodes: int
+    seed: int
+    inner: InnerLoop
+    mode: str = "bank"
+    classifier: str = "finetune"
+    batch_size: int = 256
+    amp: bool | str = False  # utils.gpu_tools.amp_mode: off | auto | bfloat16 (a bool: --amp alone)
+    progress: bool = False
+    flip_support: bool = False
+    phase: str = "evaluation"  # named in messages: pre-train validation, meta-validation, meta-test
 
 
 def hflip(images: np.ndarray) -> np.ndarray:
@@ -151,11 +174,10 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     try:
         if ev.mode == "episodic":  # the per-episode reference: the autograd inner loop
             head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="autograd")
-            accs = evaluate_episodic(encoder, imageset, transform, episodes, ev.way, ev.shot, head, device,
-                                     progress=ev.progress, amp=ev.amp, flip_support=ev.flip_support)
+            accs = evaluate_episodic(encoder, imageset, transform, episodes, head, ev, device)
         else:  # the bank: all episodes batched, the closed-form inner loop
             head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="first")
-            accs = evaluate_bank(feats, episodes, ev.way, ev.shot, head, flipped_features=flipped) \
+            accs = evaluate_bank(feats, episodes, head, ev, flipped_features=flipped) \
                 if len(episodes) else np.zeros(0, np.float32)
     except NonFiniteError as e:
         bad, accs = (e.kind, first + e.episode, e.image, e.flipped), np.zeros(0, np.float32)
@@ -170,8 +192,8 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
     return mean, ci, accs
 
 
-def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: int, head: FewShotHead,
-                  chunk: int = 500, flipped_features: torch.Tensor | None = None) -> np.ndarray:
+def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, head: FewShotHead, ev: EvalSettings,
+                  flipped_features: torch.Tensor | None = None, chunk: int = 500) -> np.ndarray:
     """Run all episodes on stored features, ``chunk`` episodes at a time: ``head`` is fitted on the chunk's
     support sets together (T = the chunk's episodes) and scores their queries.
 
@@ -180,14 +202,19 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
         episodes: ``(E, way * (shot + query))`` image indices in episode layout.
         head: the few-shot head (``models/heads.py``; the bank's ``finetune`` runs the closed-form loop, ``order
             first``).
-        flipped_features: ``(N, D)`` features of the flipped images: the support set becomes
-            ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way`` throughout).
+        ev: the evaluation's protocol (``way``, ``shot``, ``flip_support``).
+        flipped_features: ``(N, D)`` features of the flipped images, given exactly when ``ev.flip_support``: the
+            support set becomes ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way``
+            throughout).
     Returns:
         ``(E,)`` query accuracies in [0, 1].
     Raises:
         :class:`utils.finite.NonFiniteError` at the first chunk whose logits hold a NaN or an infinity (``episode``:
         the first such episode, 0-based).
     """
+    if ev.flip_support != (flipped_features is not None):
+        raise ValueError("evaluate_bank: flipped_features must be given exactly when ev.flip_support is set")
+    way, shot = ev.way, ev.shot
     n_s = way * shot
     accs = []
     idx_all = torch.from_numpy(np.asarray(episodes, dtype=np.int64))
@@ -208,14 +235,13 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, way: int, shot: 
     return torch.cat(accs).numpy()
 
 
-def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, way: int,
-                      shot: int, head: FewShotHead, device: torch.device, progress: bool = False,
-                      amp: bool | str = False, flip_support: bool = False) -> np.ndarray:
+def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, head: FewShotHead,
+                      ev: EvalSettings, device: torch.device) -> np.ndarray:
     """The per-episode reference path: each episode's images go through the encoder (eval mode) and ``head`` is
     fitted and scores it, one episode at a time (``evaluate`` gives the ``finetune`` head the autograd inner loop,
-    ``order autograd``). ``amp``: the encoder runs under
+    ``order autograd``). From ``ev``: ``way``, ``shot``, ``progress``; ``amp``: the encoder runs under
     :func:`utils.gpu_tools.autocast` and its features are cast back to float32, as in :func:`encode_split`.
-    The query is one batch, the support another (with ``flip_support``: the support images then their horizontal
+    The query is one batch, the support another (with ``ev.flip_support``: the support images then their horizontal
     flips, ``(2 * way * shot, 3, S, S)``, as the TF test graph's ``inputa``).
 
     Returns:
@@ -224,15 +250,16 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
         :class:`utils.finite.NonFiniteError` at the first episode whose features or logits hold a NaN or an infinity
         (``episode`` 0-based, ``image`` the split index of the first such image).
     """
+    way, shot, amp = ev.way, ev.shot, ev.amp
     was_training = encoder.training
     encoder.eval()
     n_s = way * shot
     accs = []
-    for i, ep in enumerate(tqdm(episodes, desc="episodes", disable=not progress, leave=False)):
+    for i, ep in enumerate(tqdm(episodes, desc="episodes", disable=not ev.progress, leave=False)):
         images = np.ascontiguousarray(imageset.images[ep])
         x = transform(to_device(torch.from_numpy(images), device))
         x_s, k = x[:n_s], shot
-        if flip_support:
+        if ev.flip_support:
             x_s = torch.cat([x_s, transform(to_device(torch.from_numpy(hflip(images[:n_s])), device))])
             k = 2 * shot
         with torch.no_grad(), autocast(device, amp):

@@ -36,6 +36,7 @@ Second order (the official TF behaviour, §4.2): the inner loop is differentiate
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -43,12 +44,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_generator.meta_data_generator import by_class
-from utils.settings import InnerLoop
 
-__all__ = ["ORDERS", "inner_loop", "stable_inner_lr", "straight_through", "init_base_learner", "fresh_init",
-           "FewShotHead", "FinetuneHead", "CentroidHead", "HEADS", "make_head", "class_means"]
+__all__ = ["InnerLoop", "inner_loss_scale", "ORDERS", "inner_loop", "stable_inner_lr", "straight_through",
+           "init_base_learner", "fresh_init", "FewShotHead", "FinetuneHead", "CentroidHead", "HEADS", "make_head",
+           "class_means"]
 
 ORDERS = ("first", "autograd", "second")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The base learner's inner loop, paper Eq. 3: ``steps`` SGD steps at ``lr`` on ``loss_scale * mean CE``;
+    ``second_order`` differentiates the outer loss through it (TF) instead of first order (official PyTorch).
+    ``config/settings.py`` builds one per use from the flags (meta-train, pre-train validation, meta-validation,
+    meta-test); the meta model (:meth:`models.mtl.MetaLearner.forward_tasks`) and the ``finetune`` head take it
+    whole."""
+
+    steps: int
+    lr: float
+    loss_scale: float = 1.0
+    second_order: bool = False
+    flags: tuple[str, str] = ("", "")  # the flags that set (steps, lr), named in the messages of non-finite values
+
+    def hint(self) -> str:
+        """``'--base_lr (set to 0.01) or --test_update_step (set to 100)'``: what to lower when it overflows."""
+        steps, lr = self.flags
+        if not lr:
+            return "the inner loop's step size or number of steps"
+        return f"{lr} (set to {self.lr:g}) or {steps} (set to {self.steps})"
+
+
+def inner_loss_scale(inner_loss: str, way: int, support_copies: int = 1) -> float:
+    """``mean``: mean CE over the support (official PyTorch). ``sum``: TF's per-sample CE / shot summed over the
+    support (``tensorflow/utils/misc.py xent``), i.e. ``way`` times the mean; with the flipped support
+    (``--test_flip_support``, ``support_copies = 2``) the TF sum runs over twice the images, still divided by shot
+    (``xent`` divides by ``FLAGS.shot_num``, ``tensorflow/utils/misc.py`` L302-311), i.e. ``2 * way`` times the mean."""
+    if inner_loss not in ("mean", "sum"):
+        raise ValueError(f"inner_loss must be 'mean' or 'sum', got {inner_loss!r}")
+    return float(way * support_copies) if inner_loss == "sum" else 1.0
 
 
 def straight_through(init: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:

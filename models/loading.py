@@ -28,6 +28,7 @@ from a file through the same reader (:func:`init_meta_model`).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,18 +36,43 @@ from torch import nn
 
 from utils.checkpoint import FORMAT, check_finite_weights, load_checkpoint, load_strict
 from utils.errors import UserError
+from utils.misc import listing
 
 from .heads import fresh_init
 from .mtl import MetaLearner, build_encoder
 from .resnet_mtl import BACKBONES, build_backbone
 from .spec import KINDS, Expect, HasSpec, ModelSpec, Weights
-from .tf_weights import is_tf_weights, read_tf_model
+from .tf_weights import is_tf_weights, read_tf_model, tf_folder
 
-__all__ = ["SS_KEYS", "OURS", "OURS_BEFORE_SPEC", "OFFICIAL", "read_weights", "LoadedModel", "load",
-           "init_meta_model", "detect_backbone"]
+__all__ = ["SS_KEYS", "OURS", "OURS_BEFORE_SPEC", "OFFICIAL", "check_weights_path", "read_weights", "LoadedModel",
+           "load", "init_meta_model", "detect_backbone"]
 
 SS_KEYS = ("mtl_weight", "mtl_bias")  # the SS parameters of a Conv2dMtl (Eq. 6): absent from a plain encoder
 OURS, OURS_BEFORE_SPEC, OFFICIAL = "ours", "ours (before the spec)", "official PyTorch"
+
+
+def check_weights_path(path: str, flag: str) -> None:
+    """A one-line error, before any data is loaded, when the checkpoint named by ``flag`` (``--init_weights``,
+    ``--eval_weights``) is not there: the path itself is named (never "run the phase first" for a file the user
+    gave), with the checkpoints its folder does hold. TF weights (a folder or ``.npy``) are checked by
+    :func:`models.tf_weights.tf_folder`; a folder holding ``.pth`` files but no ``weights.npy`` names those files."""
+    if os.path.isdir(path):
+        pths = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+        if pths and not os.path.isfile(os.path.join(path, "weights.npy")):
+            pick = "max_acc.pth" if "max_acc.pth" in pths else pths[0]
+            raise UserError(f"{flag} {path} is a folder without TensorFlow weights.npy; it holds {listing(pths)}"
+                            f": pass one of them, e.g. {flag} {os.path.join(path, pick)}")
+    if is_tf_weights(path):
+        tf_folder(path)
+        return
+    if os.path.isfile(path):
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: no such file (the folder {folder} does not exist either)")
+    pths = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    near = f"; {folder} holds {listing(pths)}" if pths else f"; {folder} holds no .pth checkpoint"
+    raise UserError(f"{flag} {path}: no such file{near}")
 
 
 def read_weights(path: str, expect: Expect | None = None, parts: str = "auto") -> Weights:

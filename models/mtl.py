@@ -12,10 +12,9 @@ import torch.nn as nn
 
 from .bn_mode import apply_bn_mode
 from .conv2d_mtl import Conv2dMtl
-from .heads import FinetuneHead, init_base_learner
+from .heads import FinetuneHead, InnerLoop, init_base_learner
 from .resnet_mtl import build_backbone
 from .spec import ModelSpec
-from utils.settings import InnerLoop
 
 __all__ = ["PreLearner", "MetaLearner", "build_encoder"]
 
@@ -117,8 +116,7 @@ class MetaLearner(_Learner):
 
     forward = _Learner.encode
 
-    def forward_tasks(self, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, update_step: int,
-                      base_lr: float, second_order: bool = False, loss_scale: float = 1.0,
+    def forward_tasks(self, x_s: torch.Tensor, y_s: torch.Tensor, x_q: torch.Tensor, inner: InnerLoop,
                       encoder: nn.Module | None = None) -> torch.Tensor:
         """The T tasks of a meta-batch (Alg. 2 lines 3-6): adapt theta on each support set (Eq. 3), classify each
         query at its adapted theta_T, through the ``finetune`` head (:class:`models.heads.FinetuneHead`) started
@@ -138,7 +136,8 @@ class MetaLearner(_Learner):
             x_s: (T, way*shot, 3, S, S) support images; y_s: (way*shot,) long labels in [0, way), the same for
                 every task (the episode layout).
             x_q: (T, n_q, 3, S, S) query images.
-            update_step, base_lr, loss_scale: the inner loop (Eq. 3, :func:`models.heads.inner_loop`).
+            inner: the inner loop (Eq. 3, :func:`models.heads.inner_loop`): steps, lr, loss scale, and whether the
+                outer gradient goes through it (``second_order``).
             encoder: the module that encodes (default ``self.encoder``; the trainer passes the ``torch.compile``
                 view of the same encoder under ``--compile``).
         Returns:
@@ -149,13 +148,12 @@ class MetaLearner(_Learner):
         emb_q, emb_s = [], []
         for i in range(t):
             emb_q.append(enc(x_q[i]))  # official order: query first, then support
-            if second_order:
+            if inner.second_order:
                 emb_s.append(enc(x_s[i]))
             else:
                 with torch.no_grad():
                     emb_s.append(enc(x_s[i]))
-        head = FinetuneHead(self.way, (self.base_learner.weight, self.base_learner.bias),
-                            InnerLoop(update_step, base_lr, loss_scale, second_order))
+        head = FinetuneHead(self.way, (self.base_learner.weight, self.base_learner.bias), inner)
         return head.fit(torch.stack(emb_s), y_s.unsqueeze(0).expand(t, -1)).logits(torch.stack(emb_q))
 
     def check_trainable(self) -> None:

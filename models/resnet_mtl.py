@@ -337,7 +337,7 @@ class WideResNet(Backbone):
 @dataclass(frozen=True)
 class BackboneSpec:
     """One entry of the registry: ``build(mtl, dropout_keep)`` and the recipe it was published with
-    (``utils/options.py``: the default recipe when ``--recipe`` is not given). The smallest input side it accepts is
+    (``config/options.py``: the default recipe when ``--recipe`` is not given). The smallest input side it accepts is
     the built network's ``min_size`` (one home: each class sets it from its own pooling stages), read by
     :func:`min_image_size`."""
 

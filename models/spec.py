@@ -146,7 +146,7 @@ class Expect:
     @classmethod
     def from_args(cls, args: argparse.Namespace, only: frozenset[str] | set[str] | None = None) -> "Expect":
         """The model flags of ``args``; with ``only``, just those named there (e.g. the flags given explicitly,
-        :func:`utils.options.explicit_flags`)."""
+        :func:`config.options.explicit_flags`)."""
         return cls(**{k: getattr(args, k, None) for k in MODEL_FLAGS if only is None or k in only})
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import main
+from models.heads import InnerLoop
 from models.mtl import MetaLearner
 from tests.helpers import make_npz
 from utils import gpu_tools
@@ -85,7 +86,7 @@ def test_meta_forward_runs_the_inner_loop_and_query_logits_in_float32_under_auto
         seen.clear()
         with gpu_tools.autocast(torch.device("cpu"), "bfloat16"):
             emb = model.encoder(x[0, :5])
-            logits = model.forward_tasks(x[:, :5], y_s, x[:, 5:], 3, 0.1, second_order=order)
+            logits = model.forward_tasks(x[:, :5], y_s, x[:, 5:], InnerLoop(3, 0.1, second_order=order))
         assert emb.dtype == torch.bfloat16                        # the encoder did run in bfloat16
         assert seen[0] == (torch.float32, torch.float32, torch.float32, False), seen
         assert seen[1] == (torch.float32, torch.float32)

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -32,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 import main
+from config.options import BACKBONE_RECIPE, RECIPES, parse_args
+from config.settings import Settings
 from data_generator.meta_data_generator import CategoriesSampler, episode_labels
 from models.resnet_mtl import BACKBONES
 from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.misc import seed_everything
-from utils.options import BACKBONE_RECIPE, RECIPES, parse_args
-from utils.settings import Settings
 
 SIZE = 16
 # The torchvision ResNets and WRN-28-10 keep full resolution through a wide first stage (no stem down-sampling), so
@@ -86,15 +87,15 @@ def data(tmp_path_factory) -> str:
 def _query_loss(trainer: MetaTrainer, episodes: list[np.ndarray]) -> float:
     """Mean query CE of ``episodes`` under the trainer's forward (train-mode BN, the run's inner loop), on a copy of
     the model so that nothing of the run changes. The forward value is the same in first and second order."""
-    a = trainer.args
+    a = trainer.settings.args
     model = copy.deepcopy(trainer.model).train()
     n_s = a.way * a.shot
     idx = np.concatenate(episodes)
     x = trainer.data.eval_transform(torch.from_numpy(trainer.train_set.images[idx]))
     x = x.view(len(episodes), -1, *x.shape[1:])
     with torch.no_grad():
-        logits = model.forward_tasks(x[:, :n_s], episode_labels(a.way, a.shot), x[:, n_s:], a.update_step,
-                                    a.base_lr, second_order=False, loss_scale=trainer.loss_scale)
+        logits = model.forward_tasks(x[:, :n_s], episode_labels(a.way, a.shot), x[:, n_s:],
+                                     replace(trainer.inner, second_order=False))
     y_q = episode_labels(a.way, a.train_query).repeat(len(episodes))
     return F.cross_entropy(logits.reshape(-1, a.way), y_q).item()
 

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 import main
+from config.options import parse_args
+from config.settings import Settings
 from data_generator.meta_data_generator import fixed_episodes
 from models.evaluate import encode_split, evaluate_bank, evaluate_episodic
-from models.heads import make_head
+from models.heads import InnerLoop, make_head
 from models.loading import OURS_BEFORE_SPEC, load
-from tests.trainer.test_evaluate import _tie_free, tie_free_features
+from tests.trainer.test_evaluate import _tie_free, protocol, tie_free_features
 from trainer.base import DataBundle
-from utils.options import parse_args
-from utils.settings import InnerLoop, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -67,13 +67,14 @@ def test_checkpoint_of_earlier_code_evaluates_the_same(folder, name, tmp_path, c
     inner = InnerLoop(10, 0.1)
     if tf_bn:  # batch statistics at test time: episode by episode (the recorded eval_mode)
         assert expected["eval_mode"] == "episodic"
-        accs = evaluate_episodic(model.encoder, test, data.eval_transform, eps, 5, 1,
-                                 make_head("finetune", 5, (w, b), inner, "autograd"), torch.device("cpu"))
+        accs = evaluate_episodic(model.encoder, test, data.eval_transform, eps,
+                                 make_head("finetune", 5, (w, b), inner, "autograd"), protocol(5, 1),
+                                 torch.device("cpu"))
         feats = _episodic_features(model.encoder, test, data.eval_transform, eps, 5)
         clear = tie_free_features(feats, 5, 1, w, b, 10, 0.1, "finetune")
     else:
         feats = encode_split(model.encoder, test, data.eval_transform, torch.device("cpu"))
-        accs = evaluate_bank(feats, eps, 5, 1, make_head("finetune", 5, (w, b), inner, "first"))
+        accs = evaluate_bank(feats, eps, make_head("finetune", 5, (w, b), inner, "first"), protocol(5, 1))
         clear = _tie_free(feats, eps, 5, 1, w, b, 10, 0.1, "finetune")
     want = np.asarray(expected["accuracies"], dtype=np.float32)
     assert clear.sum() >= 80, clear.sum()

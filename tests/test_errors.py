@@ -692,7 +692,7 @@ def _e102(c, mp):  # a file named tb where the TensorBoard folder goes
 def _e103(c, mp):  # the disk fills up while the hard-task log is appended to
     import builtins
 
-    import trainer.hard_tasks
+    import data_generator.hard_tasks
     real = builtins.open
 
     def fake_open(path, mode="r", *a, **kw):
@@ -701,7 +701,7 @@ def _e103(c, mp):  # the disk fills up while the hard-task log is appended to
         return real(path, mode, *a, **kw)
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this platform")
-    mp.setattr(trainer.hard_tasks, "open", fake_open, raising=False)
+    mp.setattr(data_generator.hard_tasks, "open", fake_open, raising=False)
     return c.argv(*META, "--hard_task", "--meta_label", "htfull")
 
 
@@ -904,7 +904,7 @@ def _one_line(rc: int, err: str, *names: str) -> str:
     ("--meta_label", "a/b"), ("--pre_label", ".."), ("--shot", "1.5"), ("--test_query", "0")])
 def test_every_edge_value_of_a_flag_is_one_line(flag, value, phase, world, tmp_path, capsys):
     """Edge values (negative, zero, inf, nan, past int64 / float32 / the seed range, empty, not a name) of the
-    flags of utils/options.py, in every phase: one line naming the flag (they were tracebacks or silent)."""
+    flags of config/options.py, in every phase: one line naming the flag (they were tracebacks or silent)."""
     c = Case(world, tmp_path)
     before = tree_hashes(c.logs)
     rc, err = run_cli(c.argv(*phase, f"{flag}={value}"), capsys)  # (= so that -inf is read as a value)

@@ -285,12 +285,12 @@ def test_meta_eval_on_a_read_only_folder_prints_the_accuracy_first(npz, tmp_path
 def test_orphaned_temporaries_are_removed_when_a_run_claims_its_folder(npz, tmp_path, capsys):
     """A killed writer's ``.tmp_<pid>@<host>+...`` is removed when the next run takes the folder (fresh or
     resumed); a live process's is left alone; the unowned names of older versions go on --resume only."""
-    from utils.misc import _host_tag
+    from utils.misc import host_tag
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     run = tmp_path / RUN
     run.mkdir(parents=True)
-    names = {"dead": f".tmp_{dead.pid}@{_host_tag()}+x1.pth", "live": f".tmp_{os.getpid()}@{_host_tag()}+x2.json",
+    names = {"dead": f".tmp_{dead.pid}@{host_tag()}+x1.pth", "live": f".tmp_{os.getpid()}@{host_tag()}+x2.json",
              "legacy": ".tmp_ab12cd.pth"}
     for n in names.values():
         (run / n).write_bytes(b"half a checkpoint")

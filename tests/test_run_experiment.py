@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import run_experiment as rx
+from config.options import parse_args
 from tests.test_errors import RUN_EXPERIMENT_ROWS, check_output
-from utils.options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -432,7 +432,7 @@ def _fake_main(log: list):
     (a training's trlog.json, a test's results file), stamped with the start's number ``log[0]``."""
     import json
 
-    from utils.settings import RunPaths
+    from config.settings import RunPaths
 
     def run(cmd, dry, sources=None):
         if cmd[1] != rx.script("main.py"):

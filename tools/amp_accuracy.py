@@ -25,18 +25,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from config.options import parse_args
+from config.settings import Settings, model_flags_from_checkpoint
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.meta_data_generator import fixed_episodes
 from models.evaluate import encode_split, evaluate_bank
 from models.heads import make_head
 from models.loading import load
-from models.spec import Expect
 from trainer.base import DataBundle
-from trainer.meta import eval_checkpoint, model_flags_from_checkpoint
 from utils.gpu_tools import pick_device
 from utils.misc import mean_ci, write_json_atomic
-from utils.options import parse_args
-from utils.settings import Settings
 
 PRECISIONS = {"fp32": "off", "bf16": "bfloat16"}  # name -> utils.gpu_tools.amp_mode
 
@@ -58,12 +56,11 @@ def measure(main_argv: Sequence[str], device_name: str = "cpu") -> dict[str, Any
         print(line, flush=True)
     settings = Settings.from_args(args)
     device = pick_device(device_name)
-    ev = settings.test
-    path = eval_checkpoint(args)
+    ev, path = settings.test, settings.eval_checkpoint
     data = DataBundle(settings.data)
     test_set = data.load("test")
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
-    model = load(path, device, Expect.from_args(args, only={"backbone", "bn_mode", "way"}))
+    model = load(path, device, settings.model.expect())
     encoder, kind = model.encoder, model.kind
     head = make_head(ev.classifier, ev.way, model.head_init(ev.way, ev.seed), ev.inner, order="first")
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
@@ -75,8 +72,10 @@ def measure(main_argv: Sequence[str], device_name: str = "cpu") -> dict[str, Any
     for name, mode in PRECISIONS.items():
         t0 = time.perf_counter()
         feats[name] = encode_split(encoder, test_set, data.eval_transform, device, ev.batch_size, mode)
+        flipped = encode_split(encoder, test_set, data.eval_transform, device, ev.batch_size, mode,
+                               flipped=True) if ev.flip_support else None  # (--test_flip_support: as meta_eval)
         t1 = time.perf_counter()
-        accs[name] = evaluate_bank(feats[name], episodes, ev.way, ev.shot, head)
+        accs[name] = evaluate_bank(feats[name], episodes, head, ev, flipped_features=flipped)
         mean, ci = mean_ci(accs[name])
         out[name] = {"mean": 100 * mean, "ci95": 100 * ci, "encode_seconds": t1 - t0,
                      "evaluate_seconds": time.perf_counter() - t1}

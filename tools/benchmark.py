@@ -64,11 +64,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import run_experiment
+from config.options import parse_args
+from config.settings import Settings
 from data_generator.dataset_loader import load_split, split_spec
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
-from models.evaluate import encode_split, evaluate_bank, evaluate_episodic
-from models.heads import fresh_init, make_head
+from models.evaluate import EvalSettings, encode_split, evaluate_bank, evaluate_episodic
+from models.heads import InnerLoop, fresh_init, make_head
 from models.loading import load
 from models.mtl import MetaLearner, PreLearner
 from models.resnet_mtl import BACKBONES, build_backbone, min_image_size
@@ -77,8 +79,6 @@ from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.gpu_tools import autocast, cpu_bf16_feature, pick_device
 from utils.misc import Timer, write_json_atomic
-from utils.options import parse_args
-from utils.settings import InnerLoop, Settings
 
 BF16 = "bfloat16"                             # the bf16 rows: utils.gpu_tools.amp_mode, forced
 BF16_FLAGS = ["--amp", "--amp_dtype", BF16]  # main.py's flags for it
@@ -225,7 +225,7 @@ def make_dataset(cfg: dict, stored: int, root: str) -> str:
 
 
 def main_args(cfg: dict, dataset_dir: str, log_root: str, extra: list[str] | None = None) -> Settings:
-    """main.py's settings for the benchmark runs (parsed by utils.options and built by ``Settings.from_args``, as
+    """main.py's settings for the benchmark runs (parsed by config.options and built by ``Settings.from_args``, as
     ``main.py`` does, so every default is the project's)."""
     flags = ["--dataset", "custom", "--dataset_dir", dataset_dir, "--log_root", log_root,
              "--cache_dir", os.path.join(log_root, "cache"), "--backbone", cfg["backbone"],
@@ -308,7 +308,7 @@ def bench_meta_train(b: Bench, cfg: dict, dataset_dir: str, log_root: str, secon
 
     st = b.time(episode, cfg["meta_reps"], warmup=cfg["meta_warmup"])
     return {"s_per_episode": st["median_s"], "episodes_per_s": 1.0 / st["median_s"], "update_step": steps,
-            "base_lr": lr, "inner_loss": tr.args.inner_loss, **st}
+            "base_lr": lr, "inner_loss": tr.settings.args.inner_loss, **st}
 
 
 def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.Tensor, bias: torch.Tensor,
@@ -320,16 +320,16 @@ def bench_meta_test(b: Bench, encoder: nn.Module, imageset, transform, w: torch.
     t = time.perf_counter()
     feats = encode_split(encoder, imageset, transform, b.device, batch_size, amp)
     inner = InnerLoop(steps, lr, loss_scale)  # the finetune head: closed form on the bank, autograd per episode
+    ev = EvalSettings(way, shot, (episodes.shape[1] - way * shot) // way, len(episodes), 0, inner, amp=amp)
     b.sync()
     t_enc = time.perf_counter() - t
-    accs_bank = evaluate_bank(feats, episodes, way, shot, make_head("finetune", way, (w, bias), inner, "first"))
+    accs_bank = evaluate_bank(feats, episodes, make_head("finetune", way, (w, bias), inner, "first"), ev)
     b.sync()
     t_bank = time.perf_counter() - t
     n_ep = min(n_episodic, len(episodes))
     t = time.perf_counter()
-    accs_epi = evaluate_episodic(encoder, imageset, transform, episodes[:n_ep], way, shot,
-                                 make_head("finetune", way, (w, bias), inner, "autograd"),
-                                 b.device, amp=amp)
+    accs_epi = evaluate_episodic(encoder, imageset, transform, episodes[:n_ep],
+                                 make_head("finetune", way, (w, bias), inner, "autograd"), ev, b.device)
     b.sync()
     t_epi = time.perf_counter() - t
     diff = np.abs(accs_bank[:n_ep] - accs_epi)

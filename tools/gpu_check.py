@@ -42,16 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from config.options import parse_args
+from config.settings import RunPaths, Settings
 from data_generator.meta_data_generator import fixed_episodes
-from tools.benchmark import synthetic_split
-from trainer.base import DataBundle
 from models.evaluate import encode_split, evaluate_bank
 from models.heads import make_head
 from models.loading import load
 from models.spec import Expect
+from tools.benchmark import synthetic_split
+from trainer.base import DataBundle
 from utils.misc import mean_ci, write_json_atomic
-from utils.options import parse_args
-from utils.settings import RunPaths, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMP_TOL = 1.0        # points: bf16 vs fp32 meta-test of one checkpoint, same episodes
@@ -146,7 +146,7 @@ def amp_eval_of(run: dict, cfg: dict) -> dict[str, Any]:
     accs = {}
     for amp in (False, True):
         feats = encode_split(model.encoder, test, data.eval_transform, device, ev.batch_size, amp)
-        accs[amp] = evaluate_bank(feats, episodes, ev.way, ev.shot, head)
+        accs[amp] = evaluate_bank(feats, episodes, head, ev)
     diff = 100 * (accs[True] - accs[False])
     mean, ci = mean_ci(diff / 100)
     return {"fp32_mean": 100 * float(accs[False].mean()), "amp_mean": 100 * float(accs[True].mean()),

@@ -14,7 +14,7 @@ rows, then
 
 Rows whose files are missing (e.g. row 5 skipped) are reported as "not run". ``<log_root>/ablation_timing.json``
 (written by ``run_experiment.py ABLATION``: wall time per step) is copied into ``ablation.json`` when present.
-The layout of the files is the one ``main.py`` writes (``utils.settings.RunPaths``,
+The layout of the files is the one ``main.py`` writes (``config.settings.RunPaths``,
 ``trainer/meta.py meta_eval``).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
+from config.settings import RunPaths
 from utils.misc import write_json_atomic
-from utils.settings import RunPaths
 
 # (id, name in the table, kind) in table order. kind: "pre" = a pre-train checkpoint tested without
 # meta-training (classifier in the results file name), "meta" = a meta-trained run (results.json + trlog.json).

@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from config.settings import DataSettings, MetaTrainSettings, PreTrainSettings, Settings
 from data_generator.dataset_loader import (FOLDERS, ImageSet, SplitSpec, check_episode_fit, load_split, peek_split,
                                            role_spec, split_spec)
 from data_generator.hygiene import SplitSummary, duplicate_classes, split_overlap
 from data_generator.meta_data_generator import fixed_episodes
 from data_generator.transforms import BatchTransform
+from models.evaluate import EvalSettings
 from models.spec import ModelSpec
 from utils import distributed
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -37,9 +39,7 @@ from utils.errors import UserError
 from utils.finite import NonFiniteError, describe_nonfinite, first_nonfinite_key
 from utils.misc import (WriteError, format_acc, get_rng_state, remove_orphaned_temporaries, set_rng_state,
                         write_error, write_json_atomic)
-from utils.options import resume_may_differ, settings_dict
 from utils.run_lock import RunLock, holds_run, move_aside
-from utils.settings import DataSettings, EvalSettings, Settings
 
 def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
     """Step schedule with the official epoch semantics (reference section 12.1): the official code calls
@@ -67,7 +67,7 @@ DIR_FLAG_OF_ROLE = {"pre_train": "pre_train_dir", "meta_train": "meta_train_dir"
 
 
 class DataBundle:
-    """The transforms and the image splits of one run (:class:`utils.settings.DataSettings`), loaded on demand.
+    """The transforms and the image splits of one run (:class:`config.settings.DataSettings`), loaded on demand.
 
     Every split loaded is checked (:mod:`data_generator.hygiene`): within itself (two classes with the same images:
     one warning line) and against the splits loaded before it (shared class names or images: UserError, unless
@@ -207,18 +207,23 @@ class ScalarEvents:
 
 
 class BaseTrainer:
-    """The epoch loop shared by :class:`trainer.pre.PreTrainer` and :class:`trainer.meta.MetaTrainer`."""
+    """The epoch loop shared by :class:`trainer.pre.PreTrainer` and :class:`trainer.meta.MetaTrainer`.
+
+    It reads typed settings only (``self.settings``, :class:`config.settings.Settings`); the flags' record
+    (``Settings.args``) goes into the files (:meth:`Settings.record`) and is compared on ``--resume``
+    (:meth:`Settings.check_resume`), never read for a value."""
 
     kind = "base"
 
-    def __init__(self, settings: Settings, device: torch.device, log_dir: str):
+    def __init__(self, settings: Settings, device: torch.device, log_dir: str,
+                 opt: PreTrainSettings | MetaTrainSettings):
         self.settings = settings
-        self.args = settings.args  # the flat record: optimizer numbers, and what checkpoints store
-        args = settings.args
+        self.opt = opt  # the phase's optimizer, schedule, batches and epochs
+        self.max_epoch = opt.epochs
         self.device = device
         self.log_dir = log_dir
         self.data = DataBundle(settings.data)
-        self.progress = not args.quiet
+        self.progress = settings.run.progress
         self.trlog: list[dict[str, Any]] = []
         self.best_acc = -1.0
         self.best_epoch = 0
@@ -226,10 +231,11 @@ class BaseTrainer:
         self.committed_epoch = 0  # the last epoch whose resume.pth is on disk (this run's, or the resumed one's)
         self.position = (0, 0, 0)  # (epoch, iteration in the epoch, iterations per epoch), named in messages
         # each rank augments its own shard: its own stream (rank 0's is the single-process one)
-        self.aug_gen = torch.Generator().manual_seed(args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
+        self.aug_gen = torch.Generator().manual_seed(settings.seed
+                                                     + distributed.RANK_SEED_STRIDE * distributed.rank())
 
     # ----------------------------------------------------------------- to implement
-    max_epoch: int
+    save_every: int = 0  # keep epoch<N>.pth every N epochs (pre-train's --pre_save_every); 0: none
     spec: ModelSpec  # the model's, with the input it is trained on (set by build; written into every checkpoint)
 
     def build(self) -> None:
@@ -262,8 +268,8 @@ class BaseTrainer:
         """A model checkpoint (``max_acc.pth``, ``last.pth``, ``epoch<N>.pth``): the weights and ``"spec"``, the
         model's :class:`models.spec.ModelSpec` (``self.spec``, set by ``build``), from which ``models.load`` rebuilds
         it; ``backbone`` and ``args`` stay for the readers of files from before the spec."""
-        ck = {"format": FORMAT, "kind": self.kind, "backbone": self.args.backbone,
-              "args": settings_dict(self.args), "epoch": epoch, "val_acc": val_acc, "spec": self.spec.to_dict()}
+        ck = {"format": FORMAT, "kind": self.kind, "backbone": self.spec.backbone,
+              "args": self.settings.record(), "epoch": epoch, "val_acc": val_acc, "spec": self.spec.to_dict()}
         ck.update(self.model_checkpoint())
         return ck
 
@@ -280,7 +286,7 @@ class BaseTrainer:
         epoch and the stored settings (``set_lr``), so the epoch is its whole state. (``--amp`` is bf16 autocast
         only, ``utils.gpu_tools.autocast``, which needs no grad scaler.)"""
         best = os.path.join(self.log_dir, "max_acc.pth") if self.best_epoch else None
-        return {"format": FORMAT, "kind": f"resume-{self.kind}", "args": settings_dict(self.args),
+        return {"format": FORMAT, "kind": f"resume-{self.kind}", "args": self.settings.record(),
                 "epoch": epoch, "iterations_per_epoch": self.iterations_per_epoch(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_checkpoint": best,
@@ -349,10 +355,10 @@ class BaseTrainer:
             if resize:
                 return (f"the run is saved up to epoch {self.committed_epoch} in {self.log_dir}; --resume continues "
                         "it with a lower --eval_batch_size only")
-            plus = "" if self.args.resume else " plus --resume"
+            plus = "" if self.settings.run.resume else " plus --resume"
             return (f"{self.log_dir} holds the run up to epoch {self.committed_epoch}: continue it with the same "
                     f"command{plus}")
-        if self.args.resume:  # interrupted before the resumed state was read: the folder is as it was
+        if self.settings.run.resume:  # interrupted before the resumed state was read: the folder is as it was
             if resize:
                 return (f"the run in {self.log_dir} is as it was; --resume continues it with a lower "
                         "--eval_batch_size only")
@@ -364,7 +370,7 @@ class BaseTrainer:
     def write_failed(self, e: WriteError) -> UserError:
         """A file of the run could not be written: one line naming it, the run's state and what to do."""
         if self.committed_epoch:
-            plus = "" if self.args.resume else " plus --resume"
+            plus = "" if self.settings.run.resume else " plus --resume"
             state = (f"the run is saved up to epoch {self.committed_epoch} in {self.log_dir} (resume.pth, intact): "
                      f"{e.fix}, then continue with the same command{plus}")
         else:
@@ -384,15 +390,7 @@ class BaseTrainer:
         if st.get("kind") != f"resume-{self.kind}":
             raise UserError(f"--resume: {path} is not a {self.kind} resume checkpoint")
         old = st["args"]
-        if self.args.seed == 0 and "seed" in old:  # --seed 0 on resume: the seed the run drew and stored
-            self.args.seed = old["seed"]
-        may_differ = resume_may_differ()
-        for k in sorted(old):
-            if k in may_differ or not hasattr(self.args, k):
-                continue
-            if old[k] != getattr(self.args, k):
-                raise UserError(f"--resume: the run in {self.log_dir} was started with --{k} {old[k]}, "
-                                f"not {getattr(self.args, k)}; use the same settings or another log folder")
+        self.settings = self.settings.check_resume(old, self.log_dir)  # (--seed 0: the seed the run stored)
         self.check_resume(old)
         key = first_nonfinite_key(st["model"])
         if key is not None:
@@ -444,7 +442,7 @@ class BaseTrainer:
             raise
 
     def _run(self) -> str:
-        a = self.args
+        run = self.settings.run
         distributed.on_main(lambda: ensure_writable(self.log_dir))
         self.build()
         with ExitStack() as held:  # under torchrun rank 0 holds the lock and writes; the others only compute
@@ -453,14 +451,14 @@ class BaseTrainer:
                 lock = RunLock(self.log_dir)
                 held.callback(lock.release)  # registered before acquire: a signal inside it still removes the lock
                 lock.acquire()
-                if not a.resume and holds_run(self.log_dir):
-                    if not a.overwrite and not os.path.isfile(os.path.join(self.log_dir, "resume.pth")):
+                if not run.resume and holds_run(self.log_dir):
+                    if not run.overwrite and not os.path.isfile(os.path.join(self.log_dir, "resume.pth")):
                         # (a run killed after an epoch's first files, before its commit point: --resume would fail)
                         raise UserError(f"{self.log_dir} holds files of a run that saved no resume point (resume.pth "
                                         "is missing, so it cannot be continued); start afresh with --overwrite (the "
                                         f"earlier files are moved to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing "
                                         "is deleted), or give this run another folder")
-                    if not a.overwrite:
+                    if not run.overwrite:
                         raise UserError(f"{self.log_dir} already holds a run (finished or interrupted); continue it "
                                         "with --resume, or start afresh with --overwrite (the earlier run is moved "
                                         f"to {self.log_dir.rstrip(os.sep)}.old-<time>, nothing is deleted)")
@@ -468,14 +466,14 @@ class BaseTrainer:
                           flush=True)
                 # the half-written temporaries of killed writers (utils.misc.atomic_write): those of dead processes
                 # always; with --resume also the unowned names of older versions (the lock keeps other runs out)
-                removed = remove_orphaned_temporaries(self.log_dir, legacy=a.resume)
+                removed = remove_orphaned_temporaries(self.log_dir, legacy=run.resume)
                 if removed:
                     print(f"removed {len(removed)} temporary file(s) left in {self.log_dir} by a killed process",
                           flush=True)
                 self.start_fresh()
 
             distributed.on_main(claim)
-            if a.resume:
+            if run.resume:
                 self.load_resume()
             try:
                 return self._epochs()
@@ -492,7 +490,6 @@ class BaseTrainer:
         content. Every file goes through :func:`utils.misc.atomic_write`, so a failure leaves each file old or new,
         never half written; when the run's first commit fails, the files it had created are removed again (the
         folder then holds no run, and the same command starts it afresh). Returns the TensorBoard writer."""
-        a = self.args
         created: list[str] = []
 
         def save(write, path: str) -> None:
@@ -505,7 +502,7 @@ class BaseTrainer:
             if improved:
                 save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p),
                      os.path.join(self.log_dir, "max_acc.pth"))
-            if self.kind == "pre" and epoch % a.pre_save_every == 0:
+            if self.save_every and epoch % self.save_every == 0:
                 save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p),
                      os.path.join(self.log_dir, f"epoch{epoch}.pth"))
             if writer is None:
@@ -517,7 +514,7 @@ class BaseTrainer:
                                      if k != "epoch" and isinstance(v, (int, float))})
             save(lambda p: save_atomic(self.checkpoint(epoch, val_acc), p), os.path.join(self.log_dir, "last.pth"))
             save(lambda p: write_json_atomic(p, self.trlog), os.path.join(self.log_dir, "trlog.json"))
-            save(lambda p: write_json_atomic(p, settings_dict(a)), os.path.join(self.log_dir, "args.json"))
+            save(lambda p: write_json_atomic(p, self.settings.record()), os.path.join(self.log_dir, "args.json"))
             save(lambda p: save_atomic(self.resume_state(epoch, rank_states), p),
                  os.path.join(self.log_dir, "resume.pth"))
         except BaseException:
@@ -534,7 +531,7 @@ class BaseTrainer:
 
     def _epochs(self) -> str:
         """The epoch loop (the lock is held)."""
-        a = self.args
+        run = self.settings.run
         # Nothing is written into the log folder before the first epoch has finished (a run that fails early
         # leaves an earlier run's files as they were); the TensorBoard writer is opened then too.
         writer = None
@@ -568,7 +565,7 @@ class BaseTrainer:
                       f"train acc {100 * acc:.2f}%  val {format_acc(val_acc, val_ci)}%  "
                       f"(best {100 * self.best_acc:.2f}% @ {self.best_epoch})  data {stats.get('data_time', 0):.1f}s "
                       f"compute {stats.get('compute_time', 0):.1f}s val {t2 - t1:.1f}s", flush=True)
-                if a.stop_after_epoch and epoch == a.stop_after_epoch:
+                if run.stop_after_epoch and epoch == run.stop_after_epoch:
                     print(f"stopping after epoch {epoch} (--stop_after_epoch)", flush=True)
                     break
         finally:  # on every exit path: an open event file would keep its folder busy

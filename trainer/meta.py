@@ -9,124 +9,96 @@ One meta-training step, as the data flows::
 
 A meta-batch is ``meta_batch_size`` tasks whose query losses are averaged into one outer update (official
 PyTorch: 1 task; TF / paper: 2). With ``--hard_task`` the hard-task meta-batch of Alg. 1 (lines 8-20) follows
-each meta-batch (the planner in ``trainer/hard_tasks.py``; the runs and updates here). Validation every epoch runs fixed episodes on the validation
-classes; ``max_acc.pth`` keeps the best epoch. Meta-test (:func:`meta_eval`) runs ``--num_test_episodes`` fixed
-episodes on the test classes and reports the mean with its 95% interval.
+each meta-batch (the planner in ``data_generator/hard_tasks.py``; the runs and updates here). Validation every epoch
+runs fixed episodes on the validation classes; ``max_acc.pth`` keeps the best epoch. Meta-test (:func:`meta_eval`)
+runs ``--num_test_episodes`` fixed episodes on the test classes and reports the mean with its 95% interval.
+
+The trainer reads typed settings only: ``Settings.meta_train`` (the tasks, Adam, the schedule, the start),
+``Settings.hard`` (Alg. 1), ``Settings.run`` (precision, memory format, compile, resume), ``Settings.model`` (the
+spec it builds); the meta-test reads ``Settings.test`` and the checkpoint to test.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config.settings import Settings
 from data_generator.dataset_loader import check_episode_fit
+from data_generator.hard_tasks import HardTaskPlanner
 from data_generator.meta_data_generator import CategoriesSampler, Task, by_class, fixed_episodes
-from models.evaluate import evaluate
+from models.evaluate import EvalSettings, evaluate
 from models.heads import HEADS
-from models.loading import init_meta_model, load, read_weights
+from models.loading import check_weights_path, init_meta_model, load, read_weights
 from models.mtl import MetaLearner
-from models.spec import Expect
-from models.tf_weights import TENSORFLOW, is_tf_weights, tf_folder
+from models.tf_weights import TENSORFLOW
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
-from trainer.hard_tasks import HardTaskPlanner
 from utils import distributed
 from utils.errors import UserError
 from utils.finite import all_finite, describe_nonfinite
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
-from utils.misc import Averager, Timer, WriteError, format_acc, remove_orphaned_temporaries, write_json_atomic
-from utils.options import explicit_flags, settings_dict
-from utils.settings import EvalSettings, RunPaths, Settings
-
-
-def _listing(names: list[str], most: int = 4) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def check_weights_path(path: str, flag: str) -> None:
-    """A one-line error, before any data is loaded, when the checkpoint named by ``flag`` (``--init_weights``,
-    ``--eval_weights``) is not there: the path itself is named (never "run the phase first" for a file the user
-    gave), with the checkpoints its folder does hold. TF weights (a folder or ``.npy``) are checked by
-    :func:`models.tf_weights.tf_folder`; a folder holding ``.pth`` files but no ``weights.npy`` names those files."""
-    if os.path.isdir(path):
-        pths = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-        if pths and not os.path.isfile(os.path.join(path, "weights.npy")):
-            pick = "max_acc.pth" if "max_acc.pth" in pths else pths[0]
-            raise UserError(f"{flag} {path} is a folder without TensorFlow weights.npy; it holds {_listing(pths)}"
-                            f": pass one of them, e.g. {flag} {os.path.join(path, pick)}")
-    if is_tf_weights(path):
-        tf_folder(path)
-        return
-    if os.path.isfile(path):
-        return
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: no such file (the folder {folder} does not exist either)")
-    pths = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
-    near = f"; {folder} holds {_listing(pths)}" if pths else f"; {folder} holds no .pth checkpoint"
-    raise UserError(f"{flag} {path}: no such file{near}")
+from utils.misc import (Averager, Timer, WriteError, format_acc, listing, remove_orphaned_temporaries,
+                        write_json_atomic)
 
 
 class MetaTrainer(BaseTrainer):
     kind = "meta"
 
     def __init__(self, settings: Settings, device: torch.device):
-        super().__init__(settings, device, settings.paths.meta_dir)
-        self.max_epoch = settings.args.max_epoch
-        self.inner = settings.inner_train
-        self.loss_scale = self.inner.loss_scale
-        self.position = (0, 0, settings.args.num_batch)  # (epoch, iteration in the epoch, iterations per epoch)
+        super().__init__(settings, device, settings.paths.meta_dir, settings.meta_train)
+        self.inner = self.opt.inner
+        self.position = (0, 0, self.opt.iterations)  # (epoch, iteration in the epoch, iterations per epoch)
 
     # ----------------------------------------------------------------- setup
     def build(self) -> None:
-        a = self.args
+        opt, run = self.opt, self.settings.run
         self.train_set = self.data.load("meta_train")
         self.val_set = self.data.load("val")
-        check_episode_fit(self.train_set, a.way, a.shot + a.train_query, "meta-train")
+        check_episode_fit(self.train_set, opt.way, opt.shot + opt.query, "meta-train")
         self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.meta_val)
-        self.model = MetaLearner(a.backbone, way=a.way, bn_mode=a.bn_mode,
-                                 shortcut_ss=a.shortcut_ss == "on").to(self.device)
-        self.spec = replace(self.model.spec, image_size=a.image_size, preprocess=a.preprocess)
+        self.spec = self.settings.model.meta_spec()  # (written into every checkpoint)
+        self.model = MetaLearner.from_spec(self.spec).to(self.device)
         self.load_pretrained()
-        if use_channels_last(self.device, a.channels_last):
+        if use_channels_last(self.device, run.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
         # --compile (CUDA): a compiled view of the encoder for the training steps only; checkpoints save
         # self.model's own state dict, so their keys stay plain, and validation uses the uncompiled encoder.
-        self.train_encoder = maybe_compile(self.model.encoder, self.device, a.compile)
+        self.train_encoder = maybe_compile(self.model.encoder, self.device, run.compile)
         ss_bn, head = self.model.meta_parameters()
-        self.optimizer = torch.optim.Adam([{"params": ss_bn, "lr": a.meta_lr1},
-                                           {"params": head, "lr": a.meta_lr2}])
-        self.sampler = CategoriesSampler(self.train_set.labels, a.num_batch, a.way, a.shot, a.train_query, a.seed)
+        self.optimizer = torch.optim.Adam([{"params": ss_bn, "lr": opt.lr1},
+                                           {"params": head, "lr": opt.lr2}])
+        self.sampler = CategoriesSampler(self.train_set.labels, opt.iterations, opt.way, opt.shot, opt.query,
+                                         self.settings.seed)
         self.hard = None
         if self.settings.hard is not None:
             self.hard = HardTaskPlanner(self.settings.hard, self.train_set, self.log_dir)
 
     def start_fresh(self) -> None:
         """A fresh run starts a fresh hard-task log (the lock is held; a finished run was refused or moved)."""
-        if self.hard is not None and not self.args.resume and os.path.exists(self.hard.log_path):
+        if self.hard is not None and not self.settings.run.resume and os.path.exists(self.hard.log_path):
             os.unlink(self.hard.log_path)
 
     def load_pretrained(self) -> None:
         """Meta-training's start (``--init_weights``, else the pre-train run's checkpoint): any file
         :func:`models.loading.read_weights` reads, whose spec must agree with this run's ``--backbone``,
         ``--bn_mode`` and ``--way`` (the flags define the run: its folder is named after them)."""
-        a = self.args
-        if a.init_weights == "scratch":  # the paper's "no pre-training" ablation: SS on a random backbone
-            print(f"meta-train starts from a randomly initialised {a.backbone} (--init_weights scratch)", flush=True)
+        opt = self.opt
+        if opt.init_weights == "scratch":  # the paper's "no pre-training" ablation: SS on a random backbone
+            print(f"meta-train starts from a randomly initialised {self.spec.backbone} (--init_weights scratch)",
+                  flush=True)
             return
-        path = a.init_weights or self.settings.paths.pre_checkpoint(a.pre_init_epoch)
-        if a.init_weights:
+        path = opt.init_weights or self.settings.paths.pre_checkpoint(opt.init_epoch)
+        if opt.init_weights:
             check_weights_path(path, "--init_weights")
         elif not os.path.isfile(path):
             self.missing_pre_checkpoint(path)
         # TF folder / weights.npy: meta-training starts from weights.npy (the pre-trained encoder), with fresh SS and
         # base learner, as the TF META_LOAD (tensorflow/trainer/meta.py L82-94); the SS shift starts at the
         # pre-trained bias there, here Phi_S2 = 0 on the frozen bias: the same effective bias b + Phi_S2
-        weights = read_weights(path, Expect(a.backbone, a.bn_mode, a.way), parts="pre")
+        weights = read_weights(path, self.settings.model.expect(), parts="pre")
         init_meta_model(self.model, weights)
         if weights.source == TENSORFLOW:
             print(f"meta-train starts from {weights.path} (TensorFlow pre-trained weights)", flush=True)
@@ -136,34 +108,34 @@ class MetaTrainer(BaseTrainer):
     def missing_pre_checkpoint(self, path: str) -> None:
         """The pre-train checkpoint meta_train would start from is not there: one line saying which snapshots the
         pre-train run did keep (``--pre_init_epoch`` naming one it did not), or that there is no pre-train run."""
-        a = self.args
+        epoch = self.opt.init_epoch
         folder = os.path.dirname(path)
         kept = sorted((f for f in os.listdir(folder) if f.startswith("epoch") and f.endswith(".pth")),
                       key=lambda f: int(f[5:-4]) if f[5:-4].isdigit() else -1) if os.path.isdir(folder) else []
-        if a.pre_init_epoch and (kept or os.path.isfile(os.path.join(folder, "max_acc.pth"))):
-            has = f"it kept {_listing(kept)}" if kept else "it kept none"
-            raise UserError(f"--pre_init_epoch {a.pre_init_epoch}: the pre-train run in {folder} has no "
-                            f"epoch{a.pre_init_epoch}.pth ({has}; pre-train keeps one every --pre_save_every epochs): "
+        if epoch and (kept or os.path.isfile(os.path.join(folder, "max_acc.pth"))):
+            has = f"it kept {listing(kept)}" if kept else "it kept none"
+            raise UserError(f"--pre_init_epoch {epoch}: the pre-train run in {folder} has no "
+                            f"epoch{epoch}.pth ({has}; pre-train keeps one every --pre_save_every epochs): "
                             "pass the epoch of one it kept, or --pre_init_epoch 0 for max_acc.pth (the best by "
                             "validation)")
         raise UserError(f"no pre-trained checkpoint at {path}: run --phase pre_train first with the same "
                         "--dataset/--backbone/--pre_label, or pass --init_weights")
 
     def iterations_per_epoch(self) -> int:
-        return self.args.num_batch
+        return self.opt.iterations
 
     def set_lr(self, epoch: int) -> dict[str, float]:
-        a = self.args
-        floor_ratio = a.meta_lr_min / a.meta_lr1
-        lr1 = scheduled_lr(a.meta_lr1, epoch, a.step_size, a.gamma, a.meta_lr1 * floor_ratio)
-        lr2 = scheduled_lr(a.meta_lr2, epoch, a.step_size, a.gamma, a.meta_lr2 * floor_ratio)
+        opt = self.opt
+        floor_ratio = opt.lr_min / opt.lr1
+        lr1 = scheduled_lr(opt.lr1, epoch, opt.step_size, opt.gamma, opt.lr1 * floor_ratio)
+        lr2 = scheduled_lr(opt.lr2, epoch, opt.step_size, opt.gamma, opt.lr2 * floor_ratio)
         self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[1]["lr"] = lr1, lr2
         return {"lr1": lr1, "lr2": lr2}
 
     def lr_hint(self) -> str:
-        a = self.args
-        return (f"--meta_lr1 (set to {a.meta_lr1:g}), --meta_lr2 (set to {a.meta_lr2:g}) or --base_lr "
-                f"(set to {a.base_lr:g})")
+        opt = self.opt
+        return (f"--meta_lr1 (set to {opt.lr1:g}), --meta_lr2 (set to {opt.lr2:g}) or --base_lr "
+                f"(set to {opt.inner.lr:g})")
 
     # ----------------------------------------------------------------- the tasks of a meta-batch (Alg. 2)
     def run_tasks(self, episodes: list[np.ndarray], weight: float, timer: Timer) -> list[tuple[float, np.ndarray]]:
@@ -196,24 +168,22 @@ class MetaTrainer(BaseTrainer):
         Returns:
             per task, the query loss and the per-class query accuracy ``(way,)`` in episode label order.
         """
-        a, inner = self.args, self.inner
-        tasks = [Task.from_episode(ep, a.way, a.shot) for ep in episodes]
-        t, n_s, n_q = len(tasks), a.way * a.shot, len(tasks[0].query)
+        way, shot = self.opt.way, self.opt.shot
+        tasks = [Task.from_episode(ep, way, shot) for ep in episodes]
+        t, n_s, n_q = len(tasks), way * shot, len(tasks[0].query)
         timer.start("data")
         idx = np.concatenate([task.episode for task in tasks])
         x = self.data.eval_transform(to_device(torch.from_numpy(self.train_set.images[idx]), self.device))
-        x = to_channels_last(x, self.device, a.channels_last).view(t, n_s + n_q, *x.shape[1:])
+        x = to_channels_last(x, self.device, self.settings.run.channels_last).view(t, n_s + n_q, *x.shape[1:])
         y_s, y_q = tasks[0].y_support.to(self.device), tasks[0].y_query.to(self.device)
         timer.stop("data")
         timer.start("compute")
-        with autocast(self.device, self.settings.amp):
-            logits = self.model.forward_tasks(x[:, :n_s], y_s, x[:, n_s:], inner.steps, inner.lr,
-                                              second_order=inner.second_order, loss_scale=inner.loss_scale,
-                                              encoder=self.train_encoder)
+        with autocast(self.device, self.settings.run.amp):
+            logits = self.model.forward_tasks(x[:, :n_s], y_s, x[:, n_s:], self.inner, encoder=self.train_encoder)
         losses = F.cross_entropy(logits.float().reshape(t * n_q, -1), y_q.repeat(t), reduction="none")
         losses = losses.view(t, n_q).mean(1)                                      # (T,) per-task query CE
         (losses.sum() * weight).backward()
-        correct = by_class((logits.argmax(-1) == y_q).float(), a.way, dim=1).mean(1)   # (T, way)
+        correct = by_class((logits.argmax(-1) == y_q).float(), way, dim=1).mean(1)   # (T, way)
         timer.stop("compute")
         values, correct = losses.tolist(), correct.cpu().numpy()
         return [(lv, c) for lv, c in zip(values, correct)]
@@ -238,16 +208,15 @@ class MetaTrainer(BaseTrainer):
         hard-task meta-batch (Alg. 1 lines 8-20): each normal task's failure class is recorded, the planner returns
         the hard tasks, and they run after the meta-batch's update, one update each (``--ht_update separate``), or
         join its update with the same weight as every other task (``shared``)."""
-        a = self.args
-        hs = self.settings.hard
+        opt, hs = self.opt, self.settings.hard
         self.model.train()
         loss_avg, acc_avg, timer = Averager(), Averager(), Timer()
         self.optimizer.zero_grad(set_to_none=True)
-        for it in tqdm(range(a.num_batch), desc=f"meta-train epoch {epoch}", disable=not self.progress,
+        for it in tqdm(range(opt.iterations), desc=f"meta-train epoch {epoch}", disable=not self.progress,
                        leave=False):
-            self.position = (epoch, it + 1, a.num_batch)
+            self.position = (epoch, it + 1, opt.iterations)
             use_ht = self.hard is not None and epoch >= hs.start_epoch
-            n_tasks = hs.normal_tasks if use_ht else a.meta_batch_size
+            n_tasks = hs.normal_tasks if use_ht else opt.meta_batch
             shared = use_ht and hs.update == "shared"
             weight = 1.0 / (n_tasks + hs.hard_tasks) if shared else 1.0 / n_tasks
             episodes = [self.sampler.sample() for _ in range(n_tasks)]
@@ -255,7 +224,7 @@ class MetaTrainer(BaseTrainer):
                 loss_avg.add(loss)
                 acc_avg.add(float(per_class.mean()))
                 if use_ht:
-                    self.hard.record(Task.from_episode(ep, a.way, a.shot).classes(self.train_set.labels),
+                    self.hard.record(Task.from_episode(ep, opt.way, opt.shot).classes(self.train_set.labels),
                                      per_class, ep)
             if not shared:
                 self.outer_step()
@@ -267,7 +236,7 @@ class MetaTrainer(BaseTrainer):
                         self.outer_step()
                 if shared:
                     self.outer_step()
-                self.hard.log((epoch - 1) * a.num_batch + it + 1, hard_tasks, write=distributed.is_main())
+                self.hard.log((epoch - 1) * opt.iterations + it + 1, hard_tasks, write=distributed.is_main())
         return {"train_loss": loss_avg.item(), "train_acc": acc_avg.item(),
                 "data_time": timer.seconds.get("data", 0.0), "compute_time": timer.seconds.get("compute", 0.0)}
 
@@ -294,65 +263,21 @@ class MetaTrainer(BaseTrainer):
     def load_resume(self) -> None:
         super().load_resume()
         if self.hard is not None and distributed.is_main():
-            self.hard.truncate_log((self.start_epoch - 1) * self.args.num_batch)
+            self.hard.truncate_log((self.start_epoch - 1) * self.opt.iterations)
 
 
 # --------------------------------------------------------------------- meta-test
-def eval_checkpoint(args) -> str:
-    """The checkpoint ``meta_eval`` tests: ``--eval_weights``, else the meta run's best (``max_acc.pth``)."""
-    return args.eval_weights or RunPaths.from_args(args).meta_checkpoint
-
-
-def model_flags_from_checkpoint(args) -> list[str]:
-    """Meta-test: the model flags the command line left out (``--backbone``, ``--bn_mode``, ``--way``,
-    ``--image_size``, ``--preprocess``) are set on ``args`` from the checkpoint's spec, before the settings are built
-    (``main.py``); a flag given that disagrees is one line (E11, E31, E58, E140; TF: E56, E57), and a given input
-    size or preprocessing other than the one the model was trained on a ``warning:`` line. Without
-    ``--eval_weights`` the checkpoint is found by the run folder, whose name holds ``--backbone`` and ``--way``: those
-    two are then checked, not set. Returns the lines to print after the run's header: the warnings, and the one that
-    says what the checkpoint set (none when nothing differed, or no checkpoint is there: ``meta_eval`` says so).
-
-    Which flags were given is :func:`utils.options.explicit_flags`; a namespace built otherwise counts every flag as
-    given (only checked)."""
-    path = eval_checkpoint(args)
-    if args.eval_weights:
-        check_weights_path(path, "--eval_weights")  # (a missing file, or a run folder given as weights: E124, E125)
-    if not (os.path.isfile(path) or os.path.isdir(path)):
-        return []
-    given = explicit_flags(args)
-    if not args.eval_weights:
-        given = given | {"backbone", "way"}
-    spec = read_weights(path, Expect.from_args(args, only=given)).spec
-    taken = {"backbone": spec.backbone, "bn_mode": spec.bn_mode, "way": spec.way, "image_size": spec.image_size,
-             "preprocess": spec.preprocess}
-    changed, lines = [], []
-    for flag, value in taken.items():
-        if value is None:  # the file does not say (a pre checkpoint's way, the input of a file from other code)
-            continue
-        if flag in given:
-            if flag in ("image_size", "preprocess") and getattr(args, flag) != value:
-                lines.append(f"warning: {path} was trained with --{flag} {value}; it is evaluated with --{flag} "
-                             f"{getattr(args, flag)} as given")
-            continue
-        if getattr(args, flag) != value:
-            changed.append(f"--{flag} {value}")
-            setattr(args, flag, value)
-    if changed:
-        lines.append(f"the checkpoint sets {' '.join(changed)} ({spec.describe()})")
-    return lines
-
-
 def meta_eval(settings: Settings, device: torch.device) -> dict:
     """Meta-test: ``--num_test_episodes`` fixed episodes from the test classes; prints
     ``test accuracy: MEAN ± CI (N episodes, W-way S-shot)`` and writes the results JSON next to the checkpoint.
 
     The model is what the checkpoint's spec says (:func:`models.loading.load`; the flags only verify it,
-    :func:`model_flags_from_checkpoint`): a meta checkpoint gives the SS encoder and the meta-learned base learner,
-    a pre-train checkpoint the plain encoder and a fresh head (:func:`models.heads.fresh_init` with ``--eval_seed``):
-    the paper's "FT" baseline (pre-trained backbone, fine-tuned linear base learner, no meta-training)."""
-    args, ev = settings.args, settings.test
-    path = eval_checkpoint(args)
-    if args.eval_weights:
+    :func:`config.settings.model_flags_from_checkpoint`): a meta checkpoint gives the SS encoder and the meta-learned
+    base learner, a pre-train checkpoint the plain encoder and a fresh head (:func:`models.heads.fresh_init` with
+    ``--eval_seed``): the paper's "FT" baseline (pre-trained backbone, fine-tuned linear base learner, no
+    meta-training)."""
+    ev, path = settings.test, settings.eval_checkpoint
+    if settings.eval_weights:
         check_weights_path(path, "--eval_weights")
     elif not os.path.isfile(path):
         raise UserError(f"no checkpoint to evaluate at {path}: run --phase meta_train first with the same "
@@ -360,13 +285,13 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     data = DataBundle(settings.data)
     test_set = data.load("test")
     check_episode_fit(test_set, ev.way, ev.shot + ev.query, "meta-test")
-    model = load(path, device, Expect.from_args(args, only={"backbone", "bn_mode", "way"}))
+    model = load(path, device, settings.model.expect())
     w, b = model.head_init(ev.way, ev.seed)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     # a non-finite feature or logit stops here (utils.finite.NonFiniteError), before anything is written
     mean, ci, accs = evaluate(model.encoder, test_set, data.eval_transform, episodes, w, b, ev, device,
                               desc="encode test")
-    return write_results(path, model.kind, mean, ci, len(accs), ev, settings_dict(args), write=distributed.is_main())
+    return write_results(path, model.kind, mean, ci, len(accs), ev, settings.record(), write=distributed.is_main())
 
 
 class ResultsNotWritten(UserError):

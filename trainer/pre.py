@@ -9,13 +9,12 @@ The paper's recipe (``--recipe paper``) uses Adam, batch 64, dropout and a linea
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config.settings import Settings
 from models.evaluate import evaluate
 from models.heads import fresh_init
 from models.mtl import PreLearner
@@ -24,7 +23,6 @@ from utils import distributed
 from utils.errors import UserError
 from utils.gpu_tools import autocast, maybe_compile, to_channels_last, to_device, use_channels_last
 from utils.misc import Averager, Timer, generator_state, set_generator_state
-from utils.settings import Settings
 
 
 class BatchStream:
@@ -71,56 +69,56 @@ class PreTrainer(BaseTrainer):
     kind = "pre"
 
     def __init__(self, settings: Settings, device: torch.device):
-        super().__init__(settings, device, settings.paths.pre_dir)
-        self.max_epoch = settings.args.pre_max_epoch
+        super().__init__(settings, device, settings.paths.pre_dir, settings.pre_train)
+        self.save_every = self.opt.save_every
 
     def build(self) -> None:
-        a = self.args
+        opt, run, val = self.opt, self.settings.run, self.settings.pre_val
         self.train_set = self.data.load("pre_train")
         self.val_set = self.data.load("val")
-        self.val_episodes = self.fixed_val_episodes(self.val_set, self.settings.pre_val)
-        self.model = PreLearner(a.backbone, num_classes=self.train_set.num_classes, pre_head=a.pre_head,
-                                dropout_keep=a.pre_dropout_keep, bn_mode=a.bn_mode).to(self.device)
-        self.spec = replace(self.model.spec, image_size=a.image_size, preprocess=a.preprocess)
-        if use_channels_last(self.device, a.channels_last):
+        self.val_episodes = self.fixed_val_episodes(self.val_set, val)
+        self.spec = self.settings.model.pre_spec(self.train_set.num_classes)  # (written into every checkpoint)
+        self.model = PreLearner.from_spec(self.spec).to(self.device)
+        if use_channels_last(self.device, run.channels_last):
             self.model = self.model.to(memory_format=torch.channels_last)
         # --compile (CUDA): a compiled view of the encoder for the training step only; checkpoints save
         # self.model's own state dict, so their keys stay plain, and validation uses the uncompiled encoder.
-        self.train_encoder = maybe_compile(self.model.encoder, self.device, a.compile)
+        self.train_encoder = maybe_compile(self.model.encoder, self.device, run.compile)
         self.build_distributed()
         params = [{"params": self.model.encoder.parameters()}, {"params": self.model.pre_fc.parameters()}]
-        if a.pre_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=a.pre_lr, momentum=a.pre_custom_momentum, nesterov=True,
-                                             weight_decay=a.pre_custom_weight_decay)
+        if opt.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=True,
+                                             weight_decay=opt.weight_decay)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=a.pre_lr, weight_decay=a.pre_custom_weight_decay)
-        self.stream = BatchStream(len(self.train_set.labels), self.global_batch, a.pre_iters_per_epoch, a.seed)
-        self.head_w, self.head_b = fresh_init(a.way, self.model.encoder.out_dim, a.eval_seed)
+            self.optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        self.stream = BatchStream(len(self.train_set.labels), self.global_batch, opt.iters_per_epoch,
+                                  self.settings.seed)
+        # validation's fresh head: the FT baseline's (the way and --eval_seed of the validation episodes)
+        self.head_w, self.head_b = fresh_init(val.way, self.model.encoder.out_dim, val.seed)
         self.labels_t = torch.from_numpy(self.train_set.labels.astype(np.int64))
 
     def iterations_per_epoch(self) -> int:
-        a = self.args
-        return a.pre_iters_per_epoch or -(-len(self.train_set.labels) // self.global_batch)
+        return self.opt.iters_per_epoch or -(-len(self.train_set.labels) // self.global_batch)
 
     # ----------------------------------------------------------------- torchrun
     @property
     def global_batch(self) -> int:
         """Images per optimizer step: ``--pre_batch_size`` per process times the number of processes."""
-        return self.args.pre_batch_size * distributed.world()
+        return self.opt.batch_size * distributed.world()
 
     def build_distributed(self) -> None:
         """``--sync_bn``: BatchNorm with the global batch's statistics; under torchrun the model is wrapped in
         ``DistributedDataParallel`` (gradients averaged over the ranks at each backward), and each rank's global
         torch RNG (dropout) gets its own seed, as its ``aug_gen`` (``BaseTrainer``) does."""
         self.ddp = None
-        if self.args.sync_bn:
+        if self.opt.sync_bn:
             distributed.convert_sync_bn(self.model)
         if distributed.active():
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             # the model is built (the same on every rank); from here each rank's dropout masks are its own
-            torch.manual_seed(self.args.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
+            torch.manual_seed(self.settings.seed + distributed.RANK_SEED_STRIDE * distributed.rank())
 
     def check_resume(self, old: dict) -> None:
         """Pre-train resumes on the same number of processes only: the global batch, the shards of each batch and
@@ -135,12 +133,12 @@ class PreTrainer(BaseTrainer):
         """One step of the global batch ``idx`` under torchrun: this rank's contiguous shard through the DDP model,
         the loss ``world * (sum of the shard's CE) / len(idx)`` so that DDP's average over the ranks is the gradient
         of the global batch's mean CE (shards of unequal size included); returns the global loss and accuracy.
-        A rank whose shard is empty (a last batch smaller than the world) runs one image at weight 0."""
-        a = self.args
+        A rank whose shard is empty (a last batch smaller than the world) runs one image at weight 0. The precision
+        is the one of :meth:`train_step` (``Settings.run.amp``: ``--amp`` with its ``--amp_dtype``)."""
         lo, hi = distributed.shard_range(len(idx))
         mine = idx[lo:hi] if hi > lo else idx[:1]
         x, y = self.load_batch(mine)
-        with autocast(self.device, a.amp):
+        with autocast(self.device, self.settings.run.amp):
             logits = self.ddp(x, encoder=self.train_encoder)
             ce = F.cross_entropy(logits.float(), y, reduction="sum") * (1.0 if hi > lo else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -152,28 +150,27 @@ class PreTrainer(BaseTrainer):
         return lv, acc
 
     def set_lr(self, epoch: int) -> dict[str, float]:
-        a = self.args
-        lr = scheduled_lr(a.pre_lr, epoch, a.pre_step_size, a.pre_gamma)
+        opt = self.opt
+        lr = scheduled_lr(opt.lr, epoch, opt.step_size, opt.gamma)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return {"lr": lr}
 
     def lr_hint(self) -> str:
-        return f"--pre_lr (set to {self.args.pre_lr:g})"
+        return f"--pre_lr (set to {self.opt.lr:g})"
 
     def load_batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The data half of a step: gather the images (from memory or the memmapped cache), copy them to the
         device (pinned, non-blocking on CUDA), augment there. Returns x (B, 3, S, S) float, y (B,) long."""
-        a = self.args
         x = to_device(torch.from_numpy(self.train_set.images[idx]), self.device)
         y = self.labels_t[idx].to(self.device, non_blocking=True)
         x = self.data.train_transform(x, generator=self.aug_gen)
-        return to_channels_last(x, self.device, a.channels_last), y
+        return to_channels_last(x, self.device, self.settings.run.channels_last), y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """The compute half of a step: forward, cross-entropy, backward, optimizer step.
         Returns the loss and the batch accuracy (one device sync for both)."""
-        with autocast(self.device, self.settings.amp):
+        with autocast(self.device, self.settings.run.amp):
             logits = self.model(x, encoder=self.train_encoder)
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)

@@ -142,8 +142,10 @@ TMP_PREFIX = ".tmp_"
 _TMP_OWNER = re.compile(r"^\.tmp_(\d+)@([A-Za-z0-9.-]*)\+")
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
+def host_tag(name: str | None = None) -> str:
+    """This host's name (or ``name``) as the names of temporary files carry it: letters, digits, ``.`` and ``-``
+    (anything else becomes ``-``), at most 64 characters."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname() if name is None else name)[:64]
 
 
 def pid_alive(pid: int) -> bool:
@@ -155,6 +157,59 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
+
+
+def _started_after(pid: int, mtime: float) -> bool:
+    """True when process ``pid`` (Linux ``/proc``) started after ``mtime``: then it cannot have written a file last
+    modified at ``mtime``, and the pid was reused. False when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as fh:
+            btime = next(int(ln.split()[1]) for ln in fh if ln.startswith(b"btime"))
+        start = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return start > mtime + 2.0  # /proc's start time is rounded to clock ticks and btime to seconds
+
+
+def orphaned(pid: int, host: str | None, mtime: float) -> bool:
+    """The one rule for a temporary file whose name carries the process that writes it (``pid``, ``host``): it is an
+    orphan, left by a killed writer, when it was made on this host (``host`` None: a name of an older version, which
+    named no host) and that process no longer runs, or its pid now belongs to a process that started after the file
+    was last written (``mtime``: the pid was reused). This process's own files and other hosts' (whose processes
+    cannot be seen from here) never are."""
+    if host is not None and host_tag(host) != host_tag():
+        return False
+    if pid == os.getpid():
+        return False
+    return pid <= 0 or not pid_alive(pid) or _started_after(pid, mtime)  # (pid <= 0 names no process)
+
+
+def remove_orphaned_files(folder: str, owner: Callable[[str], tuple[int, str | None] | None]) -> list[tuple[str, int]]:
+    """Remove the files of ``folder`` that :func:`orphaned` says a killed writer left: ``owner(name)`` is the
+    ``(pid, host)`` a temporary file's name carries, or None for any other file (left alone). Returns ``[(path,
+    bytes on disk)]`` of the files removed; a folder that cannot be listed, and a file that cannot be removed, are
+    left as they are (the caller reports what it cannot do)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        tag = owner(name)
+        if tag is None:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            st = os.stat(path)
+            if not orphaned(tag[0], tag[1], st.st_mtime):
+                continue
+            os.remove(path)
+        except OSError:
+            continue
+        removed.append((path, int(st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size)))
+    return removed
 
 
 class WriteError(UserError):
@@ -229,7 +284,7 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}@{_host_tag()}+",
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}@{host_tag()}+",
                                    suffix=os.path.splitext(path)[1])
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb" if binary else "w") as f:
@@ -250,34 +305,38 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
             os.unlink(tmp)
 
 
+def _atomic_write_owner(name: str) -> tuple[int, str] | None:
+    """The writer an :func:`atomic_write` temporary names: ``(pid, host)``."""
+    m = _TMP_OWNER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _unowned(name: str) -> tuple[int, None] | None:
+    """A ``.tmp_<random>`` temporary of an older version: it names no writer (pid 0, which is no process)."""
+    return (0, None) if name.startswith(TMP_PREFIX) and not _TMP_OWNER.match(name) else None
+
+
 def remove_orphaned_temporaries(folder: str, legacy: bool = False) -> list[str]:
-    """Remove the temporary files of :func:`atomic_write` in ``folder`` that a killed process left behind: those
-    whose name carries the id of a process of this host that no longer runs (``legacy``: also the ``.tmp_<random>``
-    names of older versions, which carry no owner; only safe where no other writer can be at work, i.e. with the run
-    folder's lock held). A file of a live process or of another host is left alone. Returns the names removed."""
-    removed = []
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return removed
-    host = _host_tag()
-    for name in names:
-        if not name.startswith(TMP_PREFIX):
-            continue
-        m = _TMP_OWNER.match(name)
-        orphan = (m.group(2) == host and not pid_alive(int(m.group(1)))) if m else legacy
-        if orphan:
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-    return removed
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` that a killed process left behind
+    (:func:`orphaned`: the process of this host its name carries no longer runs; ``legacy``: also the
+    ``.tmp_<random>`` names of older versions, which carry no owner; only safe where no other writer can be at work,
+    i.e. with the run folder's lock held). A file of a live process or of another host is left alone. Returns the
+    names removed."""
+    removed = [os.path.basename(p) for p, _ in remove_orphaned_files(folder, _atomic_write_owner)]
+    if legacy:
+        removed += [os.path.basename(p) for p, _ in remove_orphaned_files(folder, _unowned)]
+    return sorted(removed)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` atomically (:func:`atomic_write`)."""
     atomic_write(path, lambda f: json.dump(obj, f, indent=1))
+
+
+def listing(names: Sequence[str], most: int = 4) -> str:
+    """``'a, b, c, d and 3 more'``: the first ``most`` names of a list a message names."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def format_acc(mean: float, ci: float) -> str:

@@ -27,6 +27,7 @@ from data_generator.dataset_loader import load_split, split_spec
 from tests import format_fakes as F
 from tests.helpers import make_folders
 from utils.errors import UserError
+from utils.misc import host_tag
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -212,7 +213,7 @@ def test_zeroed_cache_gives_the_correct_accuracy_again(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ orphaned files
 def _orphan(cache: Path, pid: int, host: str | None = "mine", size: int = 4096) -> Path:
-    host = ic._host() if host == "mine" else host
+    host = host_tag() if host == "mine" else host
     name = f".0123abcd.npy.tmp-{pid}-deadbeef" + (f"@{host}" if host is not None else "")
     p = cache / name
     p.write_bytes(b"\1" * size)

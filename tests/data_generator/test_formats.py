@@ -323,7 +323,7 @@ def test_tiered_png_list_of_python2_byte_strings(same_images, tmp_path):
 def test_role_folder_flags_accept_benchmark_files(same_images, tmp_path):
     """--meta_test_dir (and the other role flags) may point at benchmark files too: the role's split is read."""
     from trainer.base import DataBundle
-    from utils.settings import DataSettings
+    from config.settings import DataSettings
     _, roots = same_images
     d = DataSettings(roots["folders"], 16, "paper", False, None, meta_test_dir=roots["learn2learn"],
                      meta_val_dir=os.path.join(roots["folders"], "val"), dataset="miniImageNet")

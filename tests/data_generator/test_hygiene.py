@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import main
+from config.options import resume_may_differ
 from data_generator.dataset_loader import load_split, split_spec
 from data_generator.hygiene import SplitSummary, duplicate_classes, split_overlap
 from tests import format_fakes as F
 from tests.helpers import make_folders, make_npz
 from utils.errors import UserError
-from utils.options import resume_may_differ
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import main
+from config.options import build_parser
 from data_generator.meta_data_generator import by_class, episode_labels
-from models.heads import (HEADS, CentroidHead, FewShotHead, FinetuneHead, class_means, fresh_init, inner_loop,
-                          make_head)
+from models.heads import (HEADS, CentroidHead, FewShotHead, FinetuneHead, InnerLoop, class_means, fresh_init,
+                          inner_loop, make_head)
 from models.mtl import MetaLearner
 from tests.helpers import assert_close_f64
-from utils.options import build_parser
-from utils.settings import InnerLoop
 
 ROOT = Path(__file__).resolve().parents[2]
 V1 = ROOT / "tests" / "data" / "checkpoints_v1"
@@ -75,7 +74,7 @@ def test_meta_training_adapts_through_the_same_head(monkeypatch):
     torch.manual_seed(0)
     model = MetaLearner("conv4", way=5)
     x = torch.rand(2, 10, 3, 16, 16)
-    logits = model.forward_tasks(x[:, :5], torch.arange(5), x[:, 5:], 3, 0.1, second_order=False, loss_scale=5.0)
+    logits = model.forward_tasks(x[:, :5], torch.arange(5), x[:, 5:], InnerLoop(3, 0.1, 5.0))
     assert logits.shape == (2, 5, 5)
     (init, inner, order, shape), = seen
     assert init[0] is model.base_learner.weight and init[1] is model.base_learner.bias

@@ -4,13 +4,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.conv2d_mtl import Conv2dMtl
-from models.heads import inner_loop, straight_through
+from models.heads import InnerLoop, inner_loop, straight_through
 from models.mtl import MetaLearner, PreLearner
 
 
-def _one_task(model, x_s, y_s, x_q, *args, **kw):
+def _one_task(model, x_s, y_s, x_q, update_step, base_lr, second_order=False, loss_scale=1.0):
     """One task through the batched forward: (n_q, way) logits."""
-    return model.forward_tasks(x_s[None], y_s, x_q[None], *args, **kw)[0]
+    inner = InnerLoop(update_step, base_lr, loss_scale, second_order)
+    return model.forward_tasks(x_s[None], y_s, x_q[None], inner)[0]
 from tests.helpers import assert_close_f64
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 from models.conv2d_mtl import Conv2dMtl
+from models.heads import InnerLoop
 from models.mtl import MetaLearner
 from models.resnet_mtl import ResNetTV, WideBlock, build_backbone, min_image_size
 from tests.helpers import assert_close_f64
@@ -259,7 +260,7 @@ def test_meta_step_trains_only_ss_bn_and_base_learner(name):
     y_s, y_q = torch.arange(WAY).repeat(SHOT), torch.arange(WAY).repeat(QUERY)
     opt = torch.optim.Adam([{"params": ss_bn}, {"params": fc, "lr": 1e-2}], lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logits = model.forward_tasks(x_s, y_s, x_q, update_step=3, base_lr=0.1)[0]
+    logits = model.forward_tasks(x_s, y_s, x_q, InnerLoop(steps=3, lr=0.1))[0]
     assert logits.shape == (WAY * QUERY, WAY)
     F.cross_entropy(logits, y_q).backward()
     opt.step()

@@ -119,7 +119,7 @@ def test_pixel_baseline_is_scored_on_the_models_test_episodes(committed, monkeyp
     """The baseline's episodes are ``fixed_episodes(labels, n, way, shot, query, eval_seed)`` with main.py's
     ``--eval_seed`` default: the episodes ``meta_eval`` tests the models on."""
     from data_generator.meta_data_generator import fixed_episodes
-    from utils.options import parse_args
+    from config.options import parse_args
     assert parse_args([]).eval_seed == baseline.EVAL_SEED
     images, labels = committed["test_images"], committed["test_labels"]
     calls = []

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import run_experiment as rx
+from config.options import parse_args, settings_dict
 from tools import report
-from utils.options import parse_args, settings_dict
 
 SHOTS = (1, 5)
 
@@ -112,7 +112,7 @@ def test_ablation_commands_share_episodes_and_differ_only_by_ht(tmp_path):
     pre = _parsed(cmds["pre-train"])
     files = report.row_files(pre.log_root, pre.dataset, pre.backbone, pre.way, 1)
     assert os.path.dirname(files["ft"]["results"]) == os.path.dirname(ft.eval_weights)
-    from utils.settings import RunPaths
+    from config.settings import RunPaths
     meta_dir = lambda name: RunPaths.from_args(_parsed(cmds[name])).meta_dir  # where main.py writes that run
     assert files["mtl_ht"]["log_dir"] == meta_dir("1-shot row 4 MTL+HT meta-train")
     assert files["scratch"]["log_dir"] == meta_dir("1-shot row 5 MTL scratch meta-train")

@@ -6,10 +6,15 @@ import torch
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import episode_labels, fixed_episodes
 from data_generator.transforms import BatchTransform
-from models.evaluate import encode_split, evaluate_bank, evaluate_episodic
-from models.heads import fresh_init, make_head
+from models.evaluate import EvalSettings, encode_split, evaluate_bank, evaluate_episodic
+from models.heads import InnerLoop, fresh_init, make_head
 from models.resnet_mtl import build_backbone
-from utils.settings import InnerLoop
+
+def protocol(way, shot, **kw):
+    """The evaluation settings the bank and per-episode paths read (way, shot; ``kw``: flip_support, amp, ...); the
+    episodes' query count comes from the episodes themselves."""
+    return EvalSettings(way, shot, query=1, episodes=1, seed=0, inner=InnerLoop(0, 0.0), **kw)
+
 
 def head(classifier, way, w, b, steps, lr, order, loss_scale=1.0):
     """The few-shot head ``classifier`` with the inner loop of ``steps`` at ``lr`` (the ``finetune`` head's)."""
@@ -76,8 +81,9 @@ def test_bank_equals_episodic_finetune_and_centroid():
     assert feats.shape == (len(ds.labels), enc.out_dim)
     lr = 0.9 * stable_inner_lr(feats[torch.from_numpy(eps[:, :10])]).min().item()  # inside the stable step
     for clf in ("finetune", "centroid"):
-        bank = evaluate_bank(feats, eps, 5, 2, head(clf, 5, w, b, 15, lr, "first"))
-        epi = evaluate_episodic(enc, ds, tf, eps, 5, 2, head(clf, 5, w, b, 15, lr, "autograd"), torch.device("cpu"))
+        bank = evaluate_bank(feats, eps, head(clf, 5, w, b, 15, lr, "first"), protocol(5, 2))
+        epi = evaluate_episodic(enc, ds, tf, eps, head(clf, 5, w, b, 15, lr, "autograd"), protocol(5, 2),
+                                torch.device("cpu"))
         assert bank.shape == (20,)
         clear = _tie_free(feats, eps, 5, 2, w, b, 15, lr, clf)
         assert clear.sum() >= 15, (clf, clear)
@@ -93,8 +99,8 @@ def test_bank_chunking_does_not_change_results():
     w, b = fresh_init(5, enc.out_dim, 0)
     from models.heads import stable_inner_lr
     lr = min(0.1, 0.9 * stable_inner_lr(feats[torch.from_numpy(eps[:, :5])]).min().item())
-    a = evaluate_bank(feats, eps, 5, 1, head("finetune", 5, w, b, 10, lr, "first"), chunk=7)
-    c = evaluate_bank(feats, eps, 5, 1, head("finetune", 5, w, b, 10, lr, "first"), chunk=1000)
+    a = evaluate_bank(feats, eps, head("finetune", 5, w, b, 10, lr, "first"), protocol(5, 1), chunk=7)
+    c = evaluate_bank(feats, eps, head("finetune", 5, w, b, 10, lr, "first"), protocol(5, 1), chunk=1000)
     clear = _tie_free(feats, eps, 5, 1, w, b, 10, lr, "finetune")  # (batched matmuls of other batch counts
     assert clear.sum() >= 25                                         #  may round differently)
     np.testing.assert_array_equal(a[clear], c[clear])
@@ -144,9 +150,9 @@ def test_bank_equals_episodic_just_inside_the_stable_inner_step():
     clear = (top2[..., 0] - top2[..., 1]) > 2 * bound                      # (E, n_q) queries far from a tie
     assert clear.float().mean() > 0.9
     assert torch.equal(lg_bank.argmax(-1)[clear], lg_epi.argmax(-1)[clear])
-    bank = evaluate_bank(feats, eps, way, shot, head("finetune", way, w, b, steps, lr, "first"))
-    epi = evaluate_episodic(enc, ds, tf, eps, way, shot, head("finetune", way, w, b, steps, lr, "autograd"),
-                            torch.device("cpu"))
+    bank = evaluate_bank(feats, eps, head("finetune", way, w, b, steps, lr, "first"), protocol(way, shot))
+    epi = evaluate_episodic(enc, ds, tf, eps, head("finetune", way, w, b, steps, lr, "autograd"),
+                            protocol(way, shot), torch.device("cpu"))
     all_clear = clear.all(dim=1).numpy()
     np.testing.assert_array_equal(bank[all_clear], epi[all_clear])
     assert all_clear.sum() >= 15 and 0.3 < bank.mean() < 1.0
@@ -175,7 +181,6 @@ def _overflow_case():
 
 
 def _overflow_settings(mode="bank"):
-    from utils.settings import EvalSettings, InnerLoop
     return EvalSettings(way=5, shot=1, query=2, episodes=4, seed=0, mode=mode, phase="meta-test",
                         inner=InnerLoop(3, 0.1, flags=("--test_update_step", "--base_lr")))
 
@@ -194,11 +199,11 @@ def test_an_overflowing_episode_is_named_on_both_paths():
                                 "written. Lower --base_lr (set to 0.1) or --test_update_step (set to 3)"), mode
     for chunk in (1, 3):  # the chunk that holds it, and the index within the chunk
         with pytest.raises(NonFiniteError) as e:
-            evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps, 5, 1,
-                          head("finetune", 5, w, b, 3, 0.1, "first"), chunk=chunk)
+            evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps,
+                          head("finetune", 5, w, b, 3, 0.1, "first"), protocol(5, 1), chunk=chunk)
         assert e.value.episode == 3
-    assert len(evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps[:3], 5, 1,
-                             head("finetune", 5, w, b, 3, 0.1, "first"))) == 3
+    assert len(evaluate_bank(encode_split(enc, imageset, tf, torch.device("cpu")), eps[:3],
+                             head("finetune", 5, w, b, 3, 0.1, "first"), protocol(5, 1))) == 3
 
 
 def _two_rank_worker(rank: int, port: int, q) -> None:

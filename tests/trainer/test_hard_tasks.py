@@ -7,9 +7,8 @@ import pytest
 
 import main
 from data_generator.dataset_loader import ImageSet
+from data_generator.hard_tasks import HardTaskPlanner, HardTaskSettings
 from tests.helpers import make_npz
-from trainer.hard_tasks import HardTaskPlanner
-from utils.settings import HardTaskSettings
 
 
 def _set(n_classes=10, per_class=12):

@@ -25,9 +25,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config.options import parse_args
+from config.settings import Settings
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import episode_labels, fixed_episodes
 from data_generator.transforms import BatchTransform
+from models.heads import InnerLoop
 from models.mtl import MetaLearner, PreLearner
 from tests.helpers import (NO_NOISE, assert_close_f64, assert_within_float32_noise, float32_error_ratios,
                            float32_noise_floor)
@@ -35,8 +38,6 @@ from trainer.meta import MetaTrainer
 from trainer.pre import PreTrainer
 from utils.gpu_tools import maybe_compile
 from utils.misc import Timer
-from utils.options import parse_args
-from utils.settings import Settings
 
 WAY, SHOT, QUERY, SIZE = 5, 2, 3, 16
 
@@ -120,15 +121,14 @@ def test_lean_first_order_step_equals_straightforward(t, loss_scale):
     # one task at a time through the same forward (T = 1), one task after another
     got = []
     for i in range(t):
-        logits = lean.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], steps, lr, second_order=False,
-                                    loss_scale=loss_scale)[0]
+        logits = lean.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], InnerLoop(steps, lr, loss_scale))[0]
         loss = F.cross_entropy(logits, y_q)
         (loss * weight).backward()
         got.append(loss.item())
     assert_close_f64(_state(lean, got), want)
 
     # the batched meta-batch: per-task encoder passes, one inner loop over the T tasks, one backward
-    logits = batched.forward_tasks(x_s, y_s, x_q, steps, lr, second_order=False, loss_scale=loss_scale)
+    logits = batched.forward_tasks(x_s, y_s, x_q, InnerLoop(steps, lr, loss_scale))
     assert logits.shape == (t, WAY * QUERY, WAY)
     losses = torch.stack([F.cross_entropy(lg, y_q) for lg in logits])
     (losses.sum() * weight).backward()
@@ -276,7 +276,7 @@ def test_lean_step_float32_within_float_tolerance(official_float32):
     _check_float32(c, plain, want, "straightforward float32 step", rec.indices)
     steps, lr, loss_scale, weight = c["step"]
     with PoolBranches().on(batched) as rec:
-        logits = batched.forward_tasks(c["x_s"], c["y_s"], c["x_q"], steps, lr, loss_scale=loss_scale)
+        logits = batched.forward_tasks(c["x_s"], c["y_s"], c["x_q"], InnerLoop(steps, lr, loss_scale))
     losses = torch.stack([F.cross_entropy(lg, c["y_q"]) for lg in logits])
     (losses.sum() * weight).backward()
     _check_float32(c, batched, losses.tolist(), "batched float32 step", rec.indices)
@@ -304,12 +304,11 @@ def test_batched_second_order_equals_per_task_loop():
     x_s, y_s, x_q, y_q = _tasks(3)
     want = []
     for i in range(3):
-        logits = per_task.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], 5, 0.2, second_order=True,
-                                        loss_scale=5.0)[0]
+        logits = per_task.forward_tasks(x_s[i:i + 1], y_s, x_q[i:i + 1], InnerLoop(5, 0.2, 5.0, True))[0]
         loss = F.cross_entropy(logits, y_q)
         (loss / 3).backward()
         want.append(loss.item())
-    logits = batched.forward_tasks(x_s, y_s, x_q, 5, 0.2, second_order=True, loss_scale=5.0)
+    logits = batched.forward_tasks(x_s, y_s, x_q, InnerLoop(5, 0.2, 5.0, True))
     losses = torch.stack([F.cross_entropy(lg, y_q) for lg in logits])
     (losses.sum() / 3).backward()
     assert_close_f64(_state(batched, losses.tolist()), _state(per_task, want))

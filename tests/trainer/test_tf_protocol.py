@@ -13,16 +13,16 @@ import torch.nn as nn
 
 import main
 import run_experiment as rx
+from config.options import parse_args
+from config.settings import Settings
 from data_generator.dataset_loader import ImageSet
 from data_generator.meta_data_generator import fixed_episodes
 from models.bn_mode import TFBatchNorm2d, apply_bn_mode, batch_dependent
+from models.evaluate import EvalSettings, evaluate, evaluate_bank, hflip
+from models.heads import InnerLoop, make_head
 from models.mtl import MetaLearner
 from tests.helpers import make_folders, make_npz
 from tests.tf_files import SLIM, official_files
-from models.evaluate import evaluate, evaluate_bank, hflip
-from models.heads import make_head
-from utils.options import parse_args
-from utils.settings import EvalSettings, InnerLoop, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # ------------------------------------------------------------------ settings
 def test_defaults_stay_as_today():
     s = Settings.from_args(parse_args(["--shot", "5"]))
-    assert s.args.bn_mode == "pytorch" and s.test.mode == "bank" and not s.test.flip_support
+    assert s.model.bn_mode == "pytorch" and s.test.mode == "bank" and not s.test.flip_support
     assert s.test.query == s.args.val_query == 15
 
 
@@ -151,7 +151,8 @@ def test_flip_support_puts_each_support_image_and_its_flip_in_the_support_set():
         by_hand.append((logits[0].argmax(-1) == torch.arange(way).repeat(2)).double().mean().item())
     np.testing.assert_array_equal(accs["bank", True], np.asarray(by_hand, np.float32))
     bank_head = make_head("finetune", way, (w0, b0), InnerLoop(5, 0.5), "first")
-    np.testing.assert_array_equal(evaluate_bank(feats, eps, way, shot, bank_head, flipped_features=flipped),
+    ev = EvalSettings(way=way, shot=shot, query=2, episodes=8, seed=3, inner=InnerLoop(5, 0.5), flip_support=True)
+    np.testing.assert_array_equal(evaluate_bank(feats, eps, bank_head, ev, flipped_features=flipped),
                                   accs["bank", True])
 
 

@@ -9,10 +9,10 @@ from types import MappingProxyType
 import pytest
 import torch
 
+from config.options import parse_args
+from config.settings import Settings
 from utils import gpu_tools
 from utils.gpu_tools import amp_dtype, amp_mode, autocast, cpu_bf16_feature
-from utils.options import parse_args
-from utils.settings import Settings
 
 CPU = torch.device("cpu")
 AVX2 = {"avx": True, "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False,
@@ -143,20 +143,20 @@ def test_cuda_with_bf16(monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------- flags and settings
 def test_flags_reach_the_typed_settings():
     s = Settings.from_args(parse_args([]))
-    assert s.amp == "off" and s.test.amp == "off" and s.meta_val.amp == "off" and s.pre_val.amp == "off"
+    assert s.run.amp == "off" and s.test.amp == "off" and s.meta_val.amp == "off" and s.pre_val.amp == "off"
     s = Settings.from_args(parse_args(["--amp"]))
-    assert s.amp == "auto" and s.test.amp == "auto"
+    assert s.run.amp == "auto" and s.test.amp == "auto"
     s = Settings.from_args(parse_args(["--amp", "--amp_dtype", "bfloat16"]))
-    assert s.amp == "bfloat16" and s.test.amp == s.meta_val.amp == s.pre_val.amp == "bfloat16"
+    assert s.run.amp == "bfloat16" and s.test.amp == s.meta_val.amp == s.pre_val.amp == "bfloat16"
 
 
 def test_amp_flags_may_change_on_resume():
-    from utils.options import resume_may_differ
+    from config.options import resume_may_differ
     assert {"amp", "amp_dtype"} <= resume_may_differ()
 
 
 def test_help_says_what_happens_without_native_bf16(capsys):
-    from utils.options import build_parser
+    from config.options import build_parser
     text = " ".join(build_parser().format_help().split())
     assert "on a CPU without it, one line says so and the run is float32" in text
     assert "bfloat16 = bfloat16 even where the CPU emulates it" in text

@@ -72,7 +72,7 @@ def test_atomic_write_names_its_temporary_after_its_process(tmp_path, monkeypatc
     write_json_atomic(str(tmp_path / "x.json"), [1])
     name = os.path.basename(seen[0][1])
     assert name.startswith(f".tmp_{os.getpid()}@") and name.endswith(".json")
-    assert misc._TMP_OWNER.match(name).groups() == (str(os.getpid()), misc._host_tag())
+    assert misc._TMP_OWNER.match(name).groups() == (str(os.getpid()), misc.host_tag())
 
 
 def test_a_full_disk_is_one_write_error_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch):
@@ -126,8 +126,8 @@ def test_a_file_in_the_way_is_named(tmp_path):
 def test_orphaned_temporaries_of_dead_processes_are_removed_and_no_others(tmp_path):
     import os
 
-    from utils.misc import _host_tag, remove_orphaned_temporaries
-    dead, host = _dead_pid(), _host_tag()
+    from utils.misc import host_tag, remove_orphaned_temporaries
+    dead, host = _dead_pid(), host_tag()
     names = {"dead": f".tmp_{dead}@{host}+abc_12.pth", "live": f".tmp_{os.getpid()}@{host}+def.json",
              "elsewhere": f".tmp_{dead}@other-host+ghi.pth", "legacy": ".tmp_k2j_3hx.pth", "keep": "last.pth"}
     for n in names.values():

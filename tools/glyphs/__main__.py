@@ -1,6 +1,6 @@
 """``python -m tools.glyphs ...``: see ``tools.glyphs.cli``."""
 import sys
 
-from tools.glyphs.cli import _cli
+from tools.glyphs.cli import cli
 
-sys.exit(_cli())
+sys.exit(cli())

@@ -42,7 +42,7 @@ def baseline_report(path: str, split: str = "test", episodes: int = 600,
     return {f"5way_{k}shot": pixel_baseline(images, labels, 5, k, 15, episodes, eval_seed) for k in (1, 5)}
 
 
-def _print_baseline(path: str, split: str, episodes: int, eval_seed: int = EVAL_SEED) -> None:
+def print_baseline(path: str, split: str, episodes: int, eval_seed: int = EVAL_SEED) -> None:
     for name, (mean, ci) in baseline_report(path, split, episodes, eval_seed).items():
         print(f"pixel cosine nearest-centroid, {split}, {name}, {episodes} episodes (eval seed {eval_seed}): "
               f"{100 * mean:.2f} +- {100 * ci:.2f} %")

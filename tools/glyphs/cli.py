@@ -7,9 +7,9 @@ import sys
 from typing import Sequence
 
 import tools.glyphs
-from tools.glyphs.baseline import EVAL_SEED, _print_baseline
+from tools.glyphs.baseline import EVAL_SEED, print_baseline
 from tools.glyphs.fonts import DEFAULT_FONT_DIRS
-from tools.glyphs.pack import _benchmark_paths, build_benchmark, build_embedded, ensure_benchmark
+from tools.glyphs.pack import benchmark_paths, build_benchmark, build_embedded, ensure_benchmark
 from utils.errors import UserError
 
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "baseline":
-        _print_baseline(args.path, args.split, args.episodes, args.eval_seed)
+        print_baseline(args.path, args.split, args.episodes, args.eval_seed)
         return 0
     font_dirs = tuple(args.font_dir) if args.font_dir else DEFAULT_FONT_DIRS
     if args.command == "embedded":
@@ -62,13 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             build_benchmark(args.out, seed=args.seed, per_class=args.per_class, size=args.size,
                             font_dirs=font_dirs, min_faces=args.min_faces, workers=args.workers)
-            path = _benchmark_paths(args.out)[0]
+            path = benchmark_paths(args.out)[0]
     if args.baseline:
-        _print_baseline(path, "test", 600, args.eval_seed)
+        print_baseline(path, "test", 600, args.eval_seed)
     return 0
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     """``main`` with one-line errors (exit code 2) instead of tracebacks for expected failures."""
     try:
         return main(argv)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tools.glyphs.fonts import BENCHMARK_SPLITS, DEFAULT_FONT_DIRS, RENDER_PT, SCRIPT_ORDER, SPLITS, Face, GlyphClass, \
     scan_faces
-from tools.glyphs.pool import ScriptFaces, _parallel_map, build_pool, default_workers, sampling_order
+from tools.glyphs.pool import ScriptFaces, parallel_map, build_pool, default_workers, sampling_order
 from tools.glyphs.render import GLYPH_FILL, ROTATION_DEG, SCALE_RANGE, SHEAR, SHIFT, SUPERSAMPLE, THICK_FILTER, \
     THIN_FILTER, render_class
 
@@ -102,7 +102,7 @@ def _pack(kind: str, seed: int, size: int, per_class: int, splits: dict[str, lis
         for cls, faces, *_ in tasks:
             for face in faces:
                 used_faces.setdefault(face.key, set()).add(cls.script)
-        rendered = _parallel_map(_render_task, tasks, workers, chunksize=8)
+        rendered = parallel_map(_render_task, tasks, workers, chunksize=8)
         images = np.concatenate(rendered) if rendered else np.empty((0, size, size), np.uint8)
         arrays[f"{split}_images"] = images
         arrays[f"{split}_labels"] = np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
@@ -139,12 +139,6 @@ def finalize_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, np.n
     arrays = dict(arrays)
     arrays["meta_json"] = np.array(json.dumps(meta, ensure_ascii=False, sort_keys=True))
     return arrays
-
-
-def read_meta(path: str) -> dict:
-    """The ``meta_json`` object of a pack."""
-    with np.load(path, allow_pickle=False) as data:
-        return json.loads(str(data["meta_json"]))
 
 
 def verify_pack(path: str, expected: dict[str, str] | None = None) -> bool:
@@ -219,7 +213,7 @@ def build_embedded(out: str, seed: int = 0, n_classes: int = 100, split_sizes: S
     return json.loads(str(arrays["meta_json"]))
 
 
-def _benchmark_paths(path: str) -> tuple[str, str]:
+def benchmark_paths(path: str) -> tuple[str, str]:
     base = path[:-4] if path.endswith(".npz") else path
     return base + ".npz", base + ".manifest.json"
 
@@ -228,7 +222,7 @@ def build_benchmark(out: str, seed: int = 0, per_class: int = 20, size: int = 32
                     font_dirs: Sequence[str] = DEFAULT_FONT_DIRS, min_faces: int = 16,
                     workers: int | None = None, log=print) -> dict:
     """Build the benchmark (split by script) as ``<out>.npz`` + ``<out>.manifest.json``. Returns the manifest."""
-    npz_path, manifest_path = _benchmark_paths(out)
+    npz_path, manifest_path = benchmark_paths(out)
     t0 = time.time()
     workers = default_workers() if workers is None else workers
     pool, per_script, dropped = _class_pool(font_dirs, min_faces, workers, log)
@@ -248,7 +242,7 @@ def save_with_manifest(path: str, arrays: dict[str, np.ndarray], build_seconds: 
 
     ``arrays`` must hold ``meta_json`` (see ``finalize_arrays``).  Returns the manifest.
     """
-    npz_path, manifest_path = _benchmark_paths(path)
+    npz_path, manifest_path = benchmark_paths(path)
     os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
     write_npz(npz_path, arrays)
     meta = json.loads(str(arrays["meta_json"]))
@@ -280,7 +274,7 @@ def ensure_benchmark(path: str, seed: int = 0, per_class: int = 20, size: int = 
     The pack is accepted when its manifest exists, names the same seed, size, images per class and
     generator version, and the sha256 of every array in the npz matches the manifest.
     """
-    npz_path, manifest_path = _benchmark_paths(path)
+    npz_path, manifest_path = benchmark_paths(path)
     if os.path.exists(npz_path) and os.path.exists(manifest_path):
         try:
             with open(manifest_path, encoding="utf-8") as f:

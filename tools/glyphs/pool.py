@@ -63,11 +63,6 @@ def _screen_indices(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, SCREEN_CHARS)).round().astype(int))
 
 
-def select_faces(script: str, chars: str, faces: Sequence[Face]) -> ScriptFaces:
-    """Keep the faces whose cmap covers ``chars`` and screen them with ``screen_faces``."""
-    return screen_faces(script, chars, [f for f in faces if f.covers(chars)])
-
-
 def screen_faces(script: str, chars: str, covering: Sequence[Face]) -> ScriptFaces:
     """Drop empty / alike / duplicate faces among ``covering`` and average the clean renders.
 
@@ -138,7 +133,7 @@ def default_workers() -> int:
     return max(1, min(8, n))
 
 
-def _parallel_map(fn, items: list, workers: int, chunksize: int = 1) -> list:
+def parallel_map(fn, items: list, workers: int, chunksize: int = 1) -> list:
     """``[fn(x) for x in items]``, in ``workers`` forked processes when more than one (same results)."""
     if workers <= 1 or len(items) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [fn(x) for x in items]
@@ -162,7 +157,7 @@ def build_pool(faces: Sequence[Face], scripts: Sequence[str] = SCRIPT_ORDER, min
     tasks = [(s, SCRIPTS[s], [replace(f, codepoints=frozenset()) for f in faces if f.covers(SCRIPTS[s])])
              for s in scripts]
     by_cost = sorted(range(len(tasks)), key=lambda i: -len(tasks[i][1]) * len(tasks[i][2]))
-    results = _parallel_map(_screen_task, [tasks[i] for i in by_cost], workers)
+    results = parallel_map(_screen_task, [tasks[i] for i in by_cost], workers)
     screened = {tasks[i][0]: r for i, r in zip(by_cost, results)}
     kept: list[GlyphClass] = []
     total = sum(len(SCRIPTS[s]) for s in scripts)

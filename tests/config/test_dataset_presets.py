@@ -1,6 +1,6 @@
-"""The --dataset presets (utils/options.py DATASET_PRESETS, describe_dataset): the run header's line."""
+"""The --dataset presets (config/options.py DATASET_PRESETS, describe_dataset): the run header's line."""
+from config.options import DATASETS, DATASET_PRESETS, describe_dataset, parse_args
 from data_generator.formats import BENCHMARKS, CIFAR100_SPLITS
-from utils.options import DATASET_PRESETS, DATASETS, describe_dataset, parse_args
 
 
 def test_presets_cover_the_benchmarks_and_agree_with_the_stored_splits():

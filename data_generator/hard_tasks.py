@@ -7,9 +7,9 @@ seeded generator) is recorded. Then ``--ht_hard_tasks`` hard tasks are built fro
 images of the failure classes "works better in general" than reusing the failed ones), excluding every image
 the meta-batch used. The record is emptied after each meta-batch.
 
-The two halves of Alg. 1 have one home each: :class:`HardTaskPlanner` (this module) records the failure classes
-and returns the hard tasks; the trainer (``MetaTrainer.train_epoch``) runs them with the same inner loop, and owns
-their weights and the outer updates.
+The two halves of Alg. 1 have one home each: :class:`HardTaskPlanner` (this module: episode sampling, so it is
+library code) records the failure classes and returns the hard tasks; the trainer (``trainer/meta.py``
+``MetaTrainer.train_epoch``) runs them with the same inner loop, and owns their weights and the outer updates.
 
 Choices the CVPR paper leaves open (reference section 10), as flags:
 
@@ -31,10 +31,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_generator.dataset_loader import ImageSet
+from data_generator.image_cache import ImageSet
 from data_generator.meta_data_generator import layout
 from utils.misc import atomic_write, generator_state, set_generator_state, write_error
-from utils.settings import HardTaskSettings
+
+__all__ = ["HardTaskSettings", "HardTask", "HardTaskPlanner"]
+
+
+@dataclass(frozen=True)
+class HardTaskSettings:
+    """The hard-task meta-batch, paper Alg. 1 (``config/settings.py`` builds it from the ``--ht_*`` flags): tasks of
+    ``way`` x (``shot`` + ``query``); ``normal_tasks`` per meta-batch feed the failure-class record (the trainer
+    runs them), then ``hard_tasks`` hard tasks follow, with one outer update each (``update`` ``separate``) or in the
+    meta-batch's update (``shared``), from epoch ``start_epoch``; ``seed`` seeds the planner's generator."""
+
+    way: int
+    shot: int
+    query: int
+    normal_tasks: int
+    hard_tasks: int
+    update: str
+    start_epoch: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -53,12 +71,12 @@ class HardTaskPlanner:
     def __init__(self, hs: HardTaskSettings, train_set: ImageSet, log_dir: str):
         self.settings = hs
         self.way, self.shot, self.query = hs.way, hs.shot, hs.query
-        self.normal_tasks = hs.normal_tasks
         self.train_set = train_set
         self.class_indices = train_set.class_indices()
         self.rng = np.random.Generator(np.random.PCG64(hs.seed + 7919))
         self.log_path = os.path.join(log_dir, "hard_tasks.jsonl")
         self.reset()
+
     def reset(self) -> None:
         self.failures: list[int] = []          # failure class of each normal task (dataset class ids)
         self.failure_acc: list[float] = []
@@ -147,6 +165,7 @@ class HardTaskPlanner:
 
     def load_state_dict(self, s: dict) -> None:
         set_generator_state(self.rng, s)
+
     def truncate_log(self, last_iteration: int) -> None:
         """After a resume: drop log lines a killed run wrote past its last checkpoint."""
         if not os.path.exists(self.log_path):

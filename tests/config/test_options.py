@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from utils import options
-from utils.options import RECIPES, SEED_MAX, build_parser, explicit_flags, parse_args
+from config import options
+from config.options import RECIPES, SEED_MAX, build_parser, explicit_flags, parse_args
 
 OFFICIAL = {  # reference section 7.1: name -> official default
     "model_type": "ResNet", "phase": "meta_train", "seed": 0, "dataset_dir": "./data/mini/", "max_epoch": 100,
@@ -49,7 +49,7 @@ def test_nonpositive_counts_are_rejected(flag, value, capsys):
 
 def test_every_flag_with_a_value_has_a_checking_type_or_choices():
     """No flag parses with a bare int / float / str: each numeric, path, label and GPU flag has a type of
-    utils/options.py that checks its range (and says what it accepts, for run_experiment.py's messages)."""
+    config/options.py that checks its range (and says what it accepts, for run_experiment.py's messages)."""
     for a in build_parser()._actions:
         if not a.option_strings or a.nargs == 0 or a.dest == "help":
             continue

@@ -144,72 +144,36 @@ def _float(fn, text: str) -> float:
     return v
 
 
-@_requires("a positive integer")
-def positive_int(text: str) -> int:
-    v = _int(positive_int, text)
-    if v <= 0:
-        raise _refuse(positive_int, text)
-    return v
+def _ranged(name: str, requirement: str, read, ok, doc: str = ""):
+    """The value type ``name``: ``read`` (:func:`_int` or :func:`_float`) parses the text, ``ok`` is its range; a
+    value outside it is refused with ``must be <requirement>, got <text>``."""
+    def check(text: str):
+        v = read(check, text)
+        if not ok(v):
+            raise _refuse(check, text)
+        return v
+
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = doc or f"``{requirement}``."
+    check.requirement = requirement  # type: ignore[attr-defined]
+    return check
 
 
-@_requires("an integer >= 0")
-def nonneg_int(text: str) -> int:
-    v = _int(nonneg_int, text)
-    if v < 0:
-        raise _refuse(nonneg_int, text)
-    return v
-
-
-@_requires(f"an integer in [0, {SEED_MAX}]")
-def seed_int(text: str) -> int:
-    """A seed (``--seed``, ``--eval_seed``): ``0 <= v <= SEED_MAX`` (:data:`SEED_MAX`)."""
-    v = _int(seed_int, text)
-    if not 0 <= v <= SEED_MAX:
-        raise _refuse(seed_int, text)
-    return v
-
-
-@_requires("a finite number > 0")
-def positive_float(text: str) -> float:
-    """A learning rate or a factor: finite and > 0 (``nan`` / ``inf`` are refused here; a huge finite value is
-    accepted, and a run it makes diverge stops with the non-finite check of its phase)."""
-    v = _float(positive_float, text)
-    if not v > 0:
-        raise _refuse(positive_float, text)
-    return v
-
-
-@_requires("a finite number >= 0")
-def nonneg_float(text: str) -> float:
-    v = _float(nonneg_float, text)
-    if v < 0:
-        raise _refuse(nonneg_float, text)
-    return v
-
-
-@_requires("a number in (0, 1)")
-def momentum(text: str) -> float:
-    """SGD momentum: Nesterov (the official optimizer) needs it > 0; at 1 or more the velocity never decays."""
-    v = _float(momentum, text)
-    if not 0 < v < 1:
-        raise _refuse(momentum, text)
-    return v
-
-
-@_requires("a number in (0, 1]")
-def keep_rate(text: str) -> float:
-    v = _float(keep_rate, text)
-    if not 0 < v <= 1:
-        raise _refuse(keep_rate, text)
-    return v
-
-
-@_requires("a number of seconds in [1, 1e9]")
-def timeout_seconds(text: str) -> float:
-    v = _float(timeout_seconds, text)
-    if not DIST_TIMEOUT_RANGE[0] <= v <= DIST_TIMEOUT_RANGE[1]:
-        raise _refuse(timeout_seconds, text)
-    return v
+positive_int = _ranged("positive_int", "a positive integer", _int, lambda v: v > 0)
+nonneg_int = _ranged("nonneg_int", "an integer >= 0", _int, lambda v: v >= 0)
+seed_int = _ranged("seed_int", f"an integer in [0, {SEED_MAX}]", _int, lambda v: 0 <= v <= SEED_MAX,
+                   "A seed (``--seed``, ``--eval_seed``): ``0 <= v <= SEED_MAX`` (:data:`SEED_MAX`).")
+positive_float = _ranged("positive_float", "a finite number > 0", _float, lambda v: v > 0,
+                         "A learning rate or a factor: finite and > 0 (``nan`` / ``inf`` are refused here; a huge "
+                         "finite value is accepted, and a run it makes diverge stops with the non-finite check of its "
+                         "phase).")
+nonneg_float = _ranged("nonneg_float", "a finite number >= 0", _float, lambda v: v >= 0)
+momentum = _ranged("momentum", "a number in (0, 1)", _float, lambda v: 0 < v < 1,
+                   "SGD momentum: Nesterov (the official optimizer) needs it > 0; at 1 or more the velocity never "
+                   "decays.")
+keep_rate = _ranged("keep_rate", "a number in (0, 1]", _float, lambda v: 0 < v <= 1)
+timeout_seconds = _ranged("timeout_seconds", "a number of seconds in [1, 1e9]", _float,
+                          lambda v: DIST_TIMEOUT_RANGE[0] <= v <= DIST_TIMEOUT_RANGE[1])
 
 
 @_requires("a positive integer or 'shot'")
@@ -244,12 +208,8 @@ IMAGE_SIZE_MAX = 4096
 """The largest ``--image_size``: every split is decoded into memory at that size (one 4096-px image is 50 MB)."""
 
 
-@_requires(f"a positive integer of pixels, at most {IMAGE_SIZE_MAX}")
-def image_px(text: str) -> int:
-    v = _int(image_px, text)
-    if not 0 < v <= IMAGE_SIZE_MAX:
-        raise _refuse(image_px, text)
-    return v
+image_px = _ranged("image_px", f"a positive integer of pixels, at most {IMAGE_SIZE_MAX}", _int,
+                   lambda v: 0 < v <= IMAGE_SIZE_MAX)
 
 
 @_requires("GPU indices separated by commas (0 or 0,1) or GPU-/MIG- UUIDs")
