@@ -1,4 +1,4 @@
-"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
+"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval, predict, embed} [flags]``.
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
 Errors caused by input (missing data, bad checkpoints, impossible settings, a full disk) print one ``error: ...``
@@ -19,6 +19,8 @@ from utils.errors import UserError
 
 
 HT_OPTIONS = ("ht_normal_tasks", "ht_hard_tasks", "ht_update", "ht_start_epoch")
+PREDICT_PHASES = ("predict", "embed")  # issue 22: your own images (trainer/predict.py)
+PREDICT_FLAGS = {"support": ("predict",), "query": PREDICT_PHASES, "out": PREDICT_PHASES}  # flag -> its phases
 
 
 def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
@@ -40,7 +42,11 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
     if phase == "pre_train" and args.init_weights is not None:
         raise UserError(f"--init_weights {args.init_weights} is where --phase meta_train starts; pre_train always "
                         "trains its backbone from a random initialisation (drop --init_weights)")
-    if phase != "meta_eval" and args.eval_weights is not None:
+    for flag, phases in PREDICT_FLAGS.items():  # issue 22: --support / --query / --out outside predict / embed
+        if getattr(args, flag, None) is not None and phase not in phases:
+            raise UserError(f"--{flag} {getattr(args, flag)} is read by --phase {' and '.join(phases)}; {phase} does "
+                            f"not read it (drop --{flag})")
+    if phase not in ("meta_eval",) + PREDICT_PHASES and args.eval_weights is not None:
         start = " (meta_train starts from --init_weights)" if phase == "meta_train" else ""
         raise UserError(f"--eval_weights {args.eval_weights} names the checkpoint that --phase meta_eval tests; "
                         f"{phase} does not read it{start}")
@@ -112,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     if args.phase == "meta_eval":  # the model flags left out come from the checkpoint's spec; given ones are checked
         from trainer.meta import model_flags_from_checkpoint
         checkpoint_lines = model_flags_from_checkpoint(args)
+    elif args.phase in PREDICT_PHASES:  # the same, and the flags these phases need (trainer/predict.py)
+        from trainer.predict import prepare
+        checkpoint_lines = prepare(args)
 
     from utils.gpu_tools import set_gpu
     set_gpu(args.gpu)
@@ -127,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
         args.seed = resolve_seed(args.seed)  # (--resume with --seed 0 takes the seed stored in resume.pth)
     args.seed = distributed.broadcast_object(args.seed)  # every rank draws the same tasks (rank 0's seed)
     seed_everything(args.seed, args.deterministic)
-    print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
+    task = "" if args.phase in PREDICT_PHASES else f"  {args.way}-way {args.shot}-shot"  # (predict: the support's)
+    print(f"phase {args.phase}  backbone {args.backbone}{task}  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
     if distributed.active():
         d = distributed.info()
@@ -136,9 +146,14 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
         print(f"torchrun: {d.world} processes ({d.backend}, --dist_timeout {d.timeout_s:g} s); rank 0 writes the "
               f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
-    print(describe_dataset(args), flush=True)
+    if args.phase not in PREDICT_PHASES:
+        print(describe_dataset(args), flush=True)
     for line in checkpoint_lines:
         print(line, flush=True)
+    if args.phase in PREDICT_PHASES:  # issue 22: few-shot on your own images, or their features
+        from trainer.predict import run_phase
+        from utils.settings import PredictSettings
+        return run_phase(PredictSettings.from_args(args), device)
     from utils.settings import Settings
     settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
     if args.phase == "pre_train":

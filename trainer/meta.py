@@ -303,7 +303,7 @@ def eval_checkpoint(args) -> str:
     return args.eval_weights or RunPaths.from_args(args).meta_checkpoint
 
 
-def model_flags_from_checkpoint(args) -> list[str]:
+def model_flags_from_checkpoint(args, skip: frozenset[str] = frozenset()) -> list[str]:
     """Meta-test: the model flags the command line left out (``--backbone``, ``--bn_mode``, ``--way``,
     ``--image_size``, ``--preprocess``) are set on ``args`` from the checkpoint's spec, before the settings are built
     (``main.py``); a flag given that disagrees is one line (E11, E31, E58, E140; TF: E56, E57), and a given input
@@ -313,7 +313,8 @@ def model_flags_from_checkpoint(args) -> list[str]:
     says what the checkpoint set (none when nothing differed, or no checkpoint is there: ``meta_eval`` says so).
 
     Which flags were given is :func:`utils.options.explicit_flags`; a namespace built otherwise counts every flag as
-    given (only checked)."""
+    given (only checked). ``skip``: model flags neither taken nor checked (``--phase predict`` reads its way from the
+    support folder, so a 5-way checkpoint classifies a 3-class support)."""
     path = eval_checkpoint(args)
     if args.eval_weights:
         check_weights_path(path, "--eval_weights")  # (a missing file, or a run folder given as weights: E124, E125)
@@ -322,9 +323,10 @@ def model_flags_from_checkpoint(args) -> list[str]:
     given = explicit_flags(args)
     if not args.eval_weights:
         given = given | {"backbone", "way"}
-    spec = read_weights(path, Expect.from_args(args, only=given)).spec
+    spec = read_weights(path, Expect.from_args(args, only=given - skip)).spec
     taken = {"backbone": spec.backbone, "bn_mode": spec.bn_mode, "way": spec.way, "image_size": spec.image_size,
              "preprocess": spec.preprocess}
+    taken = {k: v for k, v in taken.items() if k not in skip}
     changed, lines = [], []
     for flag, value in taken.items():
         if value is None:  # the file does not say (a pre checkpoint's way, the input of a file from other code)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from utils.gpu_tools import amp_mode
 
 __all__ = ["InnerLoop", "EvalSettings", "RunPaths", "DataSettings", "HardTaskSettings", "Settings",
-           "inner_loss_scale"]
+           "inner_loss_scale", "PredictSettings"]
 
 
 def inner_loss_scale(inner_loss: str, way: int, support_copies: int = 1) -> float:
@@ -199,3 +199,54 @@ class Settings:
                                               inner_loss_scale(args.inner_loss, args.way, 2 if flip else 1),
                                               flags=("--test_update_step", "--base_lr"))),
             hard=HardTaskSettings.from_args(args) if args.hard_task else None, amp=amp)
+
+
+# ------------------------------------------------------------------ issue 22: --phase predict / embed (one block)
+PREDICT_STEPS = 100  # predict's inner steps unless --test_update_step is given (the paper's meta-test steps)
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """``--phase predict`` and ``--phase embed`` (``trainer/predict.py``): the checkpoint, the images, the head.
+
+    ``steps``: ``--test_update_step`` when given, else :data:`PREDICT_STEPS` (not ``--update_step``: a prediction
+    has no meta-training run whose validation steps it should repeat). ``image_size`` / ``preprocess``: the
+    checkpoint's (``main.py`` takes them from its spec, as for ``meta_eval``), or the flags' where it does not record
+    them. ``out``: ``--out``, else ``<log_root>/predict/<query name>`` (a folder) or ``<log_root>/embed/<name>.npz``.
+    ``dataset_dir``: embed reads the splits of ``--dataset_dir`` when no ``--query`` is given."""
+
+    phase: str
+    weights: str
+    support: str | None
+    query: str | None
+    dataset_dir: str | None
+    out: str
+    classifier: str
+    steps: int
+    lr: float
+    inner_loss: str
+    flip_support: bool
+    image_size: int
+    preprocess: str
+    seed: int
+    batch_size: int
+    amp: str
+    progress: bool
+    cache_dir: str | None
+    num_workers: int = 0
+    dataset: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PredictSettings":
+        given = getattr(args, "_explicit", None)  # (utils.options.explicit_flags; None: every flag counts as given)
+        steps = args.test_update_step if given is None or "test_update_step" in given else PREDICT_STEPS
+        source = args.query if args.query is not None or args.phase == "predict" else args.dataset_dir
+        name = os.path.splitext(os.path.basename(os.path.normpath(source or "images")))[0] or "images"
+        out = args.out or (os.path.join(args.log_root, "predict", name) if args.phase == "predict"
+                           else os.path.join(args.log_root, "embed", f"{name}.npz"))
+        cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
+        return cls(args.phase, args.eval_weights, args.support, args.query,
+                   args.dataset_dir if args.query is None else None, out, args.eval_classifier, steps, args.base_lr,
+                   args.inner_loss, bool(args.test_flip_support), args.image_size, args.preprocess, args.eval_seed,
+                   args.eval_batch_size, amp_mode(args.amp, getattr(args, "amp_dtype", "auto")), not args.quiet,
+                   None if cache == "none" else cache, args.num_workers, getattr(args, "dataset", None))
