@@ -325,7 +325,7 @@ class FewShotPredictor:
         Returns:
             ``self``; ``classes_`` holds the classes in column order (sorted).
         """
-        labels = list(labels)
+        labels = [v.item() if isinstance(v, np.generic) else v for v in labels]  # numpy scalars as Python values
         if len(labels) != len(support):
             raise ValueError(f"fit: {len(support)} support items but {len(labels)} labels")
         classes = sorted(set(labels))
