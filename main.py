@@ -1,4 +1,4 @@
-"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
+"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval, predict, embed} [flags]``.
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``config/options.py``; the phases
 are :data:`PHASES` (a name -> its runner; adding a phase is one function and its line there, plus its name in
@@ -25,10 +25,12 @@ if TYPE_CHECKING:  # (annotations only: main.py imports the trainers when a phas
 
     import torch
 
-    from config.settings import Settings
+    from config.settings import PredictSettings, Settings
 
 
 HT_OPTIONS = ("ht_normal_tasks", "ht_hard_tasks", "ht_update", "ht_start_epoch")
+PREDICT_PHASES = ("predict", "embed")  # issue 22: your own images (trainer/predict.py)
+PREDICT_FLAGS = {"support": ("predict",), "query": PREDICT_PHASES, "out": PREDICT_PHASES}  # flag -> its phases
 
 
 def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
@@ -50,7 +52,11 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
     if phase == "pre_train" and args.init_weights is not None:
         raise UserError(f"--init_weights {args.init_weights} is where --phase meta_train starts; pre_train always "
                         "trains its backbone from a random initialisation (drop --init_weights)")
-    if phase != "meta_eval" and args.eval_weights is not None:
+    for flag, phases in PREDICT_FLAGS.items():  # issue 22: --support / --query / --out outside predict / embed
+        if getattr(args, flag, None) is not None and phase not in phases:
+            raise UserError(f"--{flag} {getattr(args, flag)} is read by --phase {' and '.join(phases)}; {phase} does "
+                            f"not read it (drop --{flag})")
+    if phase not in ("meta_eval",) + PREDICT_PHASES and args.eval_weights is not None:
         start = " (meta_train starts from --init_weights)" if phase == "meta_train" else ""
         raise UserError(f"--eval_weights {args.eval_weights} names the checkpoint that --phase meta_eval tests; "
                         f"{phase} does not read it{start}")
@@ -121,10 +127,21 @@ def join_processes(args, device):
 class Phase:
     """One ``--phase``: ``run(settings, device)`` does it and returns its result (a checkpoint path, a results
     dict); ``prepare(args)``, where given, runs on the parsed flags before the settings are built and returns lines
-    to print after the run's header."""
+    to print after the run's header. ``settings(args)`` builds the typed settings the runner takes
+    (:meth:`config.settings.Settings.from_args` unless given); ``task``: the header names the way, the shot and the
+    dataset (not for predict / embed, whose classes are the support folder's or none)."""
 
-    run: Callable[["Settings", "torch.device"], Any]
+    run: Callable[[Any, "torch.device"], Any]
     prepare: Callable[["argparse.Namespace"], list[str]] | None = None
+    settings: Callable[["argparse.Namespace"], Any] | None = None
+    task: bool = True
+
+    def typed(self, args: "argparse.Namespace") -> Any:
+        """The runner's typed settings, built once from the parsed flags."""
+        if self.settings is not None:
+            return self.settings(args)
+        from config.settings import Settings
+        return Settings.from_args(args)
 
 
 def pre_train(settings: "Settings", device: "torch.device") -> str:
@@ -152,11 +169,37 @@ def prepare_meta_eval(args: "argparse.Namespace") -> list[str]:
     return model_flags_from_checkpoint(args)
 
 
+def predict(settings: "PredictSettings", device: "torch.device") -> dict:
+    """Classify your own query images with a head fitted on your support folder (``trainer/predict.py``, issue 22)."""
+    from trainer.predict import predict as run
+    return run(settings, device)
+
+
+def embed(settings: "PredictSettings", device: "torch.device") -> dict:
+    """The features of a folder of images or of a dataset's splits, to an ``.npz`` (``trainer/predict.py``)."""
+    from trainer.predict import embed as run
+    return run(settings, device)
+
+
+def prepare_predict(args: "argparse.Namespace") -> list[str]:
+    """predict's and embed's preparation: their required flags, then the model flags from the checkpoint's spec as for
+    ``meta_eval`` (the way excepted: it is the support folder's)."""
+    from trainer.predict import prepare
+    return prepare(args)
+
+
+def predict_settings(args: "argparse.Namespace") -> "PredictSettings":
+    from config.settings import PredictSettings
+    return PredictSettings.from_args(args)
+
+
 # The phases, in the order of config.options.PHASES (--phase's choices; tests/test_phases.py checks that the two agree).
 PHASES: dict[str, Phase] = {
     "pre_train": Phase(pre_train),
     "meta_train": Phase(meta_train),
     "meta_eval": Phase(meta_eval, prepare=prepare_meta_eval),
+    "predict": Phase(predict, prepare=prepare_predict, settings=predict_settings, task=False),
+    "embed": Phase(embed, prepare=prepare_predict, settings=predict_settings, task=False),
 }
 
 
@@ -180,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         args.seed = resolve_seed(args.seed)  # (--resume with --seed 0 takes the seed stored in resume.pth)
     args.seed = distributed.broadcast_object(args.seed)  # every rank draws the same tasks (rank 0's seed)
     seed_everything(args.seed, args.deterministic)
-    print(f"phase {args.phase}  backbone {args.backbone}  {args.way}-way {args.shot}-shot  device {device}  "
+    task = f"  {args.way}-way {args.shot}-shot" if phase.task else ""  # (predict: the support's way)
+    print(f"phase {args.phase}  backbone {args.backbone}{task}  device {device}  "
           f"seed {args.seed or '(the one in resume.pth)'}", flush=True)
     if distributed.active():
         d = distributed.info()
@@ -189,12 +233,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"torchrun: {d.world} processes ({d.backend}, --dist_timeout {d.timeout_s:g} s); rank 0 writes the "
               f"logs{batch}", flush=True)
     print(describe_recipe(args), flush=True)
-    print(describe_dataset(args), flush=True)
+    if phase.task:
+        print(describe_dataset(args), flush=True)
     for line in prepared:
         print(line, flush=True)
-    from config.settings import Settings
-    settings = Settings.from_args(args)  # the typed settings, built once; the trainers get nothing else
-    return phase.run(settings, device)
+    return phase.run(phase.typed(args), device)  # the typed settings, built once; the trainers get nothing else
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

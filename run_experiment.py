@@ -11,6 +11,9 @@
     python run_experiment.py BENCH       the speed benchmark, python -m tools.benchmark (<LOG_DIR>/bench/benchmark.json)
     python run_experiment.py ABLATION    the ablation on the glyph benchmark (built by python -m tools.glyphs), then
                                          its report (python -m tools.report)
+    python run_experiment.py PREDICT     classify the images of QUERY_DIR with a head fitted on SUPPORT_DIR, by the
+                                         meta-trained model TEST tests (main.py --phase predict; README "Few-shot
+                                         on your own images")
 
 Options after the mode: ``--recipe paper|pytorch`` (default paper: the constants below; pytorch: the official
 PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/device constants applied),
@@ -91,6 +94,10 @@ META_LABEL = "exp1"            # label of the meta-train run
 DOWNLOAD_DIR = _under(LOG_DIR, "download_weights")       # META_LOAD / TEST_LOAD read weights from here
 PRE_WEIGHTS_FILE = "pretrain.pth"                           # a pre-trained encoder (ours or official PyTorch)
 META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained model (ours or official PyTorch)
+# PREDICT (issue 22): your own images, classified by the meta checkpoint of the constants above (what TEST tests)
+SUPPORT_DIR = "./data/my_support"  # <SUPPORT_DIR>/<class>/<image>: a few labelled images per class (main.py --support)
+QUERY_DIR = "./data/my_query"      # the images to classify, at any depth, or one image (main.py --query); in class
+                                   # folders named like the support's, the accuracy is printed too
 TF_WEIGHTS_FILE = "weights.npy"  # present in DOWNLOAD_DIR: META_LOAD / TEST_LOAD read the official TF files there
 TF_PROTOCOL = False              # the TF BatchNorm and test protocol in every phase (TF_FLAGS); META_LOAD / TEST_LOAD
                                  # of TensorFlow weights switch it on by themselves
@@ -144,7 +151,7 @@ ABLATION_SMOKE = {"log_root": _under(LOG_DIR, "ablation_smoke"),
                   "pre": {"pre_max_epoch": 1, "pre_iters_per_epoch": 20}, "meta": {"max_epoch": 2, "num_batch": 2},
                   "common": {"num_val_episodes": 50}, "test": {"num_test_episodes": 100}}
 
-MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLATION")
+MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLATION", "PREDICT")
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -215,7 +222,7 @@ OWN_CHECKS = {
     "PRE_EPOCH_ITERS": positive_int, "MAX_MAX_ITER": positive_int, "LR_DROP_STEP": positive_int,
     "SECOND_ORDER": bool, "HARD_TASK": bool, "RESUME": bool, "OVERWRITE": bool, "TF_PROTOCOL": bool,
     "DOWNLOAD_DIR": path_text, "PRE_WEIGHTS_FILE": path_text, "META_WEIGHTS_FILE": path_text,
-    "TF_WEIGHTS_FILE": path_text, "TF_FLAGS": list, "DEMO": dict, "DEMO_SMOKE": dict, "ABLATION": dict,
+    "TF_WEIGHTS_FILE": path_text, "SUPPORT_DIR": path_text, "QUERY_DIR": path_text, "TF_FLAGS": list, "DEMO": dict, "DEMO_SMOKE": dict, "ABLATION": dict,
     "ABLATION_SMOKE": dict,
 }
 # ABLATION's own entries (the rest are dicts of main.py flags); "shots" is a list of --shot values.
@@ -443,7 +450,7 @@ def check_relations(mode: str, recipe: str) -> None:
         _fail(f"{_at(('RESUME',))}: RESUME = True and OVERWRITE = True (line {_line(('OVERWRITE',))}) contradict "
               "each other: RESUME continues the runs in their folders, OVERWRITE moves them aside and starts afresh; "
               "set one of them to False")
-    if mode in ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD") and recipe == "paper":
+    if mode in ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "PREDICT") and recipe == "paper":
         for _, const in PAPER_FLAGS:
             if isinstance(const, tuple):
                 _per(*const)
@@ -526,6 +533,22 @@ def check_download(mode: str) -> None:
         sys.exit(2)
 
 
+def predict_checkpoint(recipe: str = "paper") -> str:
+    """PREDICT's model: the meta run's best checkpoint, ``max_acc.pth`` of the folder META writes (what TEST tests)."""
+    from config.options import parse_args
+    return RunPaths.from_args(parse_args(common_flags(recipe))).meta_checkpoint
+
+
+def check_predict(recipe: str) -> None:
+    """PREDICT: one line and exit 2 when the meta checkpoint of these constants is not there."""
+    path = predict_checkpoint(recipe)
+    if not os.path.isfile(path):
+        print(f"error: PREDICT classifies with {path}, the model META trains with these constants, and it is not there: "
+              "run META first, or set NET_ARCH, WAY_NUM, SHOT_NUM, META_LABEL (and LOG_DIR, DATASET) to those of a "
+              "trained run", file=sys.stderr)
+        sys.exit(2)
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -568,6 +591,10 @@ def _commands(mode: str, recipe: str = "paper") -> list[tuple[list[str], dict[st
         return [(main_cmd("meta_train", f, resume), src), (main_cmd("meta_eval", f), src)]
     if mode == "TEST":
         return [(main_cmd("meta_eval", f), src)]
+    if mode == "PREDICT":  # issue 22: the checkpoint TEST tests; the way is the support folder's (no --way)
+        flags = _without(f, "--way") + ["--eval_weights", predict_checkpoint(recipe), "--support", SUPPORT_DIR,
+                                        "--query", QUERY_DIR]
+        return [(main_cmd("predict", flags), {**src, "--support": ("SUPPORT_DIR",), "--query": ("QUERY_DIR",)})]
     tf = mode in ("META_LOAD", "TEST_LOAD") and downloaded_tf()
     if tf and not TF_PROTOCOL:
         f = f + TF_FLAGS  # TensorFlow weights are evaluated as the authors did (models/tf_weights.py)
@@ -889,6 +916,8 @@ def cli(argv: list[str]) -> None:
     else:
         if mode in ("META_LOAD", "TEST_LOAD") and not dry:
             check_download(mode)
+        if mode == "PREDICT" and not dry:
+            check_predict(recipe)
         for cmd, src in _commands(mode, recipe):
             run(cmd, dry, src)
 

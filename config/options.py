@@ -39,7 +39,7 @@ from models.heads import HEADS
 from models.resnet_mtl import BACKBONES
 from utils.gpu_tools import AMP_DTYPES
 
-PHASES = ("pre_train", "meta_train", "meta_eval")
+PHASES = ("pre_train", "meta_train", "meta_eval", "predict", "embed")  # predict, embed: issue 22
 DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "CIFAR-FS", "glyphs", "custom")
 
 # What the paper / official code fixes per benchmark (docs/DATA.md). Nothing here is a flag default: the number of
@@ -392,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ht_update", default="separate", choices=["separate", "shared"],
       help="separate: one outer update per hard task; shared: hard tasks join the meta-batch's update")
     a("--ht_start_epoch", type=positive_int, default=1, help="epoch from which hard tasks are used")
+
+    # issue 22 (one block): your own images. --eval_weights names the model; --eval_classifier, --test_update_step,
+    # --base_lr, --inner_loss, --test_flip_support, --eval_seed and --eval_batch_size apply as at meta-test.
+    g = p.add_argument_group("predict and embed (your own images; README 'Few-shot on your own images')")
+    a = _flexible(g.add_argument)
+    a("--support", type=path_text, default=None,
+      help="predict: a folder of class folders, <support>/<class>/<image> (1 or more images each, any size or format)")
+    a("--query", type=path_text, default=None,
+      help="predict / embed: a folder of images (searched recursively; in class folders named like the support's, "
+           "the accuracy is reported too) or one image")
+    a("--out", type=path_text, default=None,
+      help="predict: the folder of predictions.csv/.json/.png (default <log_root>/predict/<query name>); embed: the "
+           ".npz file (default <log_root>/embed/<name>.npz)")
 
     g = p.add_argument_group("run control")  # every flag of this group may change on --resume
     a = _flexible(g.add_argument)

@@ -39,7 +39,7 @@ from utils.gpu_tools import amp_mode
 from config.options import explicit_flags, resume_may_differ, settings_dict
 
 __all__ = ["Runtime", "PreTrainSettings", "MetaTrainSettings", "ModelSettings", "RunPaths", "DataSettings",
-           "Settings", "eval_checkpoint", "model_flags_from_checkpoint"]
+           "Settings", "eval_checkpoint", "model_flags_from_checkpoint", "PredictSettings"]
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------ meta-test: the model flags from a file
-def model_flags_from_checkpoint(args: argparse.Namespace) -> list[str]:
+def model_flags_from_checkpoint(args: argparse.Namespace, skip: frozenset[str] = frozenset()) -> list[str]:
     """Meta-test: the model flags the command line left out (``--backbone``, ``--bn_mode``, ``--way``,
     ``--image_size``, ``--preprocess``) are set on ``args`` from the checkpoint's spec, before the settings are built
     (``main.py``, the ``meta_eval`` phase's preparation); a flag given that disagrees is one line (E11, E31, E58,
@@ -294,7 +294,8 @@ def model_flags_from_checkpoint(args: argparse.Namespace) -> list[str]:
     checkpoint is there: ``meta_eval`` says so).
 
     Which flags were given is :func:`config.options.explicit_flags`; a namespace built otherwise counts every flag as
-    given (only checked)."""
+    given (only checked). ``skip``: model flags neither taken nor checked (``--phase predict`` reads its way from the
+    support folder, so a 5-way checkpoint classifies a 3-class support)."""
     path = eval_checkpoint(args)
     if args.eval_weights:
         check_weights_path(path, "--eval_weights")  # (a missing file, or a run folder given as weights: E124, E125)
@@ -303,9 +304,10 @@ def model_flags_from_checkpoint(args: argparse.Namespace) -> list[str]:
     given = explicit_flags(args)
     if not args.eval_weights:
         given = given | {"backbone", "way"}
-    spec = read_weights(path, Expect.from_args(args, only=given)).spec
+    spec = read_weights(path, Expect.from_args(args, only=given - skip)).spec
     taken = {"backbone": spec.backbone, "bn_mode": spec.bn_mode, "way": spec.way, "image_size": spec.image_size,
              "preprocess": spec.preprocess}
+    taken = {k: v for k, v in taken.items() if k not in skip}
     changed, lines = [], []
     for flag, value in taken.items():
         if value is None:  # the file does not say (a pre checkpoint's way, the input of a file from other code)
@@ -321,3 +323,54 @@ def model_flags_from_checkpoint(args: argparse.Namespace) -> list[str]:
     if changed:
         lines.append(f"the checkpoint sets {' '.join(changed)} ({spec.describe()})")
     return lines
+
+
+# ------------------------------------------------------------------ issue 22: --phase predict / embed (one block)
+PREDICT_STEPS = 100  # predict's inner steps unless --test_update_step is given (the paper's meta-test steps)
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """``--phase predict`` and ``--phase embed`` (``trainer/predict.py``): the checkpoint, the images, the head.
+
+    ``steps``: ``--test_update_step`` when given, else :data:`PREDICT_STEPS` (not ``--update_step``: a prediction
+    has no meta-training run whose validation steps it should repeat). ``image_size`` / ``preprocess``: the
+    checkpoint's (``main.py`` takes them from its spec, as for ``meta_eval``), or the flags' where it does not record
+    them. ``out``: ``--out``, else ``<log_root>/predict/<query name>`` (a folder) or ``<log_root>/embed/<name>.npz``.
+    ``dataset_dir``: embed reads the splits of ``--dataset_dir`` when no ``--query`` is given."""
+
+    phase: str
+    weights: str
+    support: str | None
+    query: str | None
+    dataset_dir: str | None
+    out: str
+    classifier: str
+    steps: int
+    lr: float
+    inner_loss: str
+    flip_support: bool
+    image_size: int
+    preprocess: str
+    seed: int
+    batch_size: int
+    amp: str
+    progress: bool
+    cache_dir: str | None
+    num_workers: int = 0
+    dataset: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PredictSettings":
+        given = getattr(args, "_explicit", None)  # (config.options.explicit_flags; None: every flag counts as given)
+        steps = args.test_update_step if given is None or "test_update_step" in given else PREDICT_STEPS
+        source = args.query if args.query is not None or args.phase == "predict" else args.dataset_dir
+        name = os.path.splitext(os.path.basename(os.path.normpath(source or "images")))[0] or "images"
+        out = args.out or (os.path.join(args.log_root, "predict", name) if args.phase == "predict"
+                           else os.path.join(args.log_root, "embed", f"{name}.npz"))
+        cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.log_root, "cache")
+        return cls(args.phase, args.eval_weights, args.support, args.query,
+                   args.dataset_dir if args.query is None else None, out, args.eval_classifier, steps, args.base_lr,
+                   args.inner_loss, bool(args.test_flip_support), args.image_size, args.preprocess, args.eval_seed,
+                   args.eval_batch_size, amp_mode(args.amp, getattr(args, "amp_dtype", "auto")), not args.quiet,
+                   None if cache == "none" else cache, args.num_workers, getattr(args, "dataset", None))

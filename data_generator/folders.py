@@ -26,7 +26,8 @@ from data_generator.image_cache import Prepared
 from data_generator.reader import FOLDERS, SPLITS, Reader, SplitSpec
 from utils.errors import UserError
 
-__all__ = ["ClassFolders", "FOLDER_LAYOUT", "IMAGE_EXTENSIONS"]
+__all__ = ["ClassFolders", "FOLDER_LAYOUT", "IMAGE_EXTENSIONS", "scan_class_folders", "scan_images", "class_labels",
+           "is_image_name"]
 
 FOLDER_LAYOUT = "<root>/{train,val,test}/<class>/<image>"
 
@@ -74,30 +75,37 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _scan_folder(root: str, quiet: bool = False) -> list[str]:
+    """A dataset split folder: :func:`scan_class_folders` with the dataset layout in its messages."""
+    return scan_class_folders(root, quiet)
+
+
+def scan_class_folders(root: str, quiet: bool = False, layout: str = FOLDER_LAYOUT,
+                       what: str = "dataset split folder") -> list[str]:
     """-> files (N,) relative to ``root`` with "/" separators, ``<class>/<image>``, classes and images sorted by name.
 
     Hidden entries and files that are not images by extension are skipped, with one printed line (unless ``quiet``)
-    that counts them and names the split folder and the first one skipped. Broken or looping symbolic links and
-    folders that cannot be listed are UserErrors naming the path.
+    that counts them and names the folder and the first one skipped. Broken or looping symbolic links and
+    folders that cannot be listed are UserErrors naming the path. ``layout`` and ``what`` name the folder in the
+    messages (a dataset split by default; the support folder of ``--phase predict`` passes its own).
     """
     if not os.path.isdir(root):
-        what = "is not a folder" if os.path.exists(root) else "not found"
+        state = "is not a folder" if os.path.exists(root) else "not found"
         if os.path.islink(root) and not os.path.exists(root):
-            what = f"is a broken symbolic link (its target {os.readlink(root)} does not exist)"
-        raise UserError(f"dataset split folder {root} {what} (expected layout {FOLDER_LAYOUT})")
-    all_entries = _list(root, "dataset split folder")
+            state = f"is a broken symbolic link (its target {os.readlink(root)} does not exist)"
+        raise UserError(f"{what} {root} {state} (expected layout {layout})")
+    all_entries = _list(root, what)
     skipped = [e.name for e in all_entries if e.name.startswith(".")]
     entries = [e for e in all_entries if not e.name.startswith(".")]
     classes = [e.name for e in entries if _is_dir(e)]
     skipped += [e.name for e in entries if e.name not in classes]  # stray files beside the class folders
     if not classes:
-        raise UserError(f"dataset split folder {root} has no class folders (expected layout {FOLDER_LAYOUT})")
+        raise UserError(f"{what} {root} has no class folders (expected layout {layout})")
     files: list[str] = []
     for name in classes:
         cdir = os.path.join(root, name)
         listed = _list(cdir, "class folder")
         if not _visible(e.name for e in listed):
-            raise UserError(f"class folder {cdir} is empty (expected layout {FOLDER_LAYOUT})")
+            raise UserError(f"class folder {cdir} is empty (expected layout {layout})")
         kept = 0
         for entry in listed:
             fname = entry.name
@@ -107,7 +115,7 @@ def _scan_folder(root: str, quiet: bool = False) -> list[str]:
             if _is_dir(entry):
                 raise UserError(
                     f"class folder {cdir} contains the subfolder {fname}; class folders must hold images only "
-                    f"(expected layout {FOLDER_LAYOUT})"
+                    f"(expected layout {layout})"
                 )
             if not _is_image_name(fname):
                 skipped.append(f"{name}/{fname}")
@@ -116,11 +124,55 @@ def _scan_folder(root: str, quiet: bool = False) -> list[str]:
             kept += 1
         if not kept:
             raise UserError(f"class folder {cdir} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}; "
-                            f"expected layout {FOLDER_LAYOUT})")
+                            f"expected layout {layout})")
+    _say_skipped(skipped, root, quiet)
+    return files
+
+
+def _say_skipped(skipped: list[str], root: str, quiet: bool) -> None:
     if skipped and not quiet:
         print(f"skipped {len(skipped)} file(s) in {root} that are hidden or not images by extension "
               f"(first: {skipped[0]})", flush=True)
+
+
+def scan_images(root: str, quiet: bool = False, what: str = "folder") -> list[str]:
+    """Every image under ``root``, at any depth: paths relative to ``root`` with "/" separators, sorted (folders and
+    files by name, depth first). The skip rules of :func:`scan_class_folders`: hidden entries (and everything under a
+    hidden folder) and files that are not images by extension are skipped with one printed line; a broken or looping
+    symbolic link, or a folder that cannot be listed, is a UserError naming it. A folder without images gives ``[]``
+    (the caller says what that means). ``root`` must be a folder (``what`` names it in the message otherwise)."""
+    if not os.path.isdir(root):
+        state = "is not a folder" if os.path.exists(root) else "not found"
+        raise UserError(f"{what} {root} {state}")
+    files: list[str] = []
+    skipped: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        for entry in _list(folder, what if not prefix else "folder"):
+            rel = prefix + entry.name
+            if entry.name.startswith("."):
+                skipped.append(rel)
+            elif _is_dir(entry):
+                walk(entry.path, rel + "/")
+            elif _is_image_name(entry.name):
+                files.append(rel)
+            else:
+                skipped.append(rel)
+
+    walk(root, "")
+    _say_skipped(skipped, root, quiet)
     return files
+
+
+def is_image_name(name: str) -> bool:
+    """Whether ``name`` has an image extension (:data:`IMAGE_EXTENSIONS`, any case)."""
+    return _is_image_name(name)
+
+
+def class_labels(files: list[str]) -> tuple[list[str], np.ndarray]:
+    """``<class>/<image>`` paths -> (class names (C,) sorted, labels int64 (N,)), as the class-folder reader labels
+    a split."""
+    return _classes(files)
 
 
 def _classes(files: list[str]) -> tuple[list[str], np.ndarray]:

@@ -239,6 +239,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return tf_case_argv(cid, c, monkeypatch)
     if cid in SEED_ROWS:
         return seed_case_argv(cid, c, monkeypatch)
+    if cid in PREDICT_CASES:  # issue 22
+        return PREDICT_CASES[cid](c, monkeypatch)
     raise KeyError(cid)
 
 
@@ -777,6 +779,126 @@ def _e141(c, mp):  # a checkpoint whose model spec is of a newer version of this
 MODEL_CASES = {"E140": _e140, "E141": _e141}
 
 
+# ------------------------------ issue 22, predict and embed: your own images (E160-E174; trainer/predict.py)
+PREDICT = ["--phase", "predict"]
+
+
+def _glyph_folders(c: Case, classes: int = 3) -> dict:
+    """3 glyph classes, 1 support and 1 query image each, written once per case (``c.glyphs``)."""
+    from tools.predict_bench import write_glyph_folders
+    if not getattr(c, "glyphs", None):
+        c.glyphs = write_glyph_folders(str(c.tmp / "glyphs"), classes, 1, 1)
+    return c.glyphs
+
+
+def _predict(c: Case, *extra, support=None, query=None, weights=True) -> list[str]:
+    g = _glyph_folders(c)
+    ck = ["--eval_weights", str(c.logs / META_DIR / "max_acc.pth")] if weights else []
+    return c.argv(*PREDICT, *ck, "--support", str(support or g["support"]), "--query", str(query or g["query"]),
+                  *extra)
+
+
+def _e160(c, mp):  # predict without --eval_weights
+    return _predict(c, weights=False)
+
+
+def _e161(c, mp):  # predict without --support
+    argv = _predict(c)
+    i = argv.index("--support")
+    return argv[:i] + argv[i + 2:]
+
+
+def _e162(c, mp):  # a --support folder that is not there
+    return _predict(c, support=c.tmp / "no_support")
+
+
+def _e163(c, mp):  # a support folder with one class
+    g = _glyph_folders(c)
+    one = c.tmp / "one" / g["classes"][0]
+    one.mkdir(parents=True)
+    shutil.copy(g["support_files"][g["classes"][0]][0], one / "a.png")
+    return _predict(c, support=one.parent)
+
+
+def _e164(c, mp):  # a query folder without images (a text file and an empty subfolder)
+    empty = c.tmp / "empty_query"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("nothing to see\n")
+    return _predict(c, query=empty)
+
+
+def _e165(c, mp):  # a query image that does not decode
+    g = _glyph_folders(c)
+    bad = Path(g["query_files"][g["classes"][1]][0])
+    bad.write_bytes(bad.read_bytes()[:50])
+    return _predict(c)
+
+
+def _e166(c, mp):  # a checkpoint that does not load (half its bytes)
+    src = (c.logs / META_DIR / "max_acc.pth").read_bytes()
+    (c.tmp / "cut.pth").write_bytes(src[: len(src) // 2])
+    return _predict(c, weights=False) + ["--eval_weights", str(c.tmp / "cut.pth")]
+
+
+def _e167(c, mp):  # a --query that is not there
+    return _predict(c, query=c.tmp / "no_query")
+
+
+def _e168(c, mp):  # --out names a file
+    (c.tmp / "out.txt").write_text("x")
+    return _predict(c, "--out", str(c.tmp / "out.txt"))
+
+
+def _e169(c, mp):  # embed --out that is not a .npz file (no --dataset_dir: that would be E170)
+    g = _glyph_folders(c)
+    return COMMON + ["--log_root", str(c.logs), "--phase", "embed", "--eval_weights",
+                     str(c.logs / META_DIR / "max_acc.pth"), "--query", g["query"], "--out", str(c.tmp / "features.txt")]
+
+
+def _e170(c, mp):  # embed with --query and --dataset_dir (COMMON gives --dataset_dir)
+    g = _glyph_folders(c)
+    return c.argv("--phase", "embed", "--eval_weights", str(c.logs / META_DIR / "max_acc.pth"), "--query",
+                  g["query"])
+
+
+def _e171(c, mp):  # --support given to a phase that does not read it
+    g = _glyph_folders(c)
+    return c.argv(*EVAL, "--support", g["support"])
+
+
+def _e172(c, mp):  # the disk fills up while predict writes: the earlier predictions stay as they were
+    out = c.logs / "predictions"
+    assert main.cli(_predict(c, "--out", str(out))) == 0
+    _fail_writes(mp, out, after=1)  # predictions.csv's temporary is written, predictions.json's fails
+    return _predict(c, "--out", str(out))
+
+
+def _e173(c, mp):  # predict under torchrun
+    mp.setenv("WORLD_SIZE", "2")
+    return _predict(c)
+
+
+def _e174(c, mp):  # a --query file that is not an image
+    (c.tmp / "list.txt").write_text("a.png\n")
+    return _predict(c, query=c.tmp / "list.txt")
+
+
+PREDICT_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(160, 175)}
+PREDICT_SUBPROCESS = ("E165", "E166")  # also through python main.py: no traceback reaches stderr
+
+
+@pytest.mark.parametrize("cid", PREDICT_SUBPROCESS)
+def test_predict_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
+    c = Case(world, tmp_path)
+    argv = case_argv(cid, c, monkeypatch)
+    before = tree_hashes(c.logs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(ROOT / "main.py")] + argv, cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=120)
+    check_output(cid, p.returncode, p.stderr)
+    assert tree_hashes(c.logs) == before and not (c.logs / "predict").exists()
+
+
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
 
@@ -997,9 +1119,10 @@ def test_useless_flags_warn_in_one_line_and_the_run_goes_on(case, world, tmp_pat
 
 
 # issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E89 (reading data), E90-E109 (run
-# faults), E110-E126 (flags; E127-E129 run_experiment), 21: E140-E141 (the model spec)
+# faults), E110-E126 (flags; E127-E129 run_experiment), 21: E140-E141 (the model spec), 22: E160-E174 (predict)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
-         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS + sorted(MODEL_CASES))
+         + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS + sorted(MODEL_CASES)
+         + sorted(PREDICT_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():

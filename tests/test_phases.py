@@ -43,7 +43,7 @@ def test_a_registered_toy_phase_runs_through_main_with_the_typed_settings(monkey
 
 def test_an_unknown_phase_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        options.parse_args(["--phase", "predict"])
+        options.parse_args(["--phase", "train"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: argument --phase: invalid choice: 'predict'")
+    assert e.value.code == 2 and err.startswith("error: argument --phase: invalid choice: 'train'")
     assert len(err.strip().splitlines()) == 1

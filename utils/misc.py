@@ -38,6 +38,22 @@ def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(a.size))
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval ``(low, high)`` of a proportion ``correct / n`` (fractions in [0, 1]).
+
+    For the accuracy of one set of ``n`` labelled queries (``--phase predict``): each query is one Bernoulli trial,
+    and the normal approximation of :func:`mean_ci` degenerates at 0 and 100% (a 15/15 result would be
+    "100.00 +- 0.00"); the Wilson interval stays inside [0, 1] and is never empty (Wilson, JASA 1927).
+    """
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"wilson_interval needs 0 <= correct <= n and n > 0, got {correct} of {n}")
+    p = correct / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 class Averager:
     """Running mean of scalars (loss, accuracy) over one epoch."""
 
@@ -279,30 +295,52 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     A failure to write (disk full, read-only folder, permission denied, a file where the folder should be) raises a
     one-line :class:`WriteError` naming ``path``; the temporary file is removed on every exit path (an interrupt
     included), and the file already at ``path`` is untouched."""
+    atomic_write_many([(path, write, binary)])
+
+
+def _write_temporary(path: str, write: Callable[[IO], None], binary: bool, made: list[str]) -> str:
+    """Write a new temporary file beside ``path`` (its name appended to ``made`` at once, so that the caller
+    removes it on any failure), fsynced; returns its name. One-line :class:`WriteError` naming ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     rec = None
-    tmp = None
     try:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}@{host_tag()}+",
                                    suffix=os.path.splitext(path)[1])
+        made.append(tmp)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb" if binary else "w") as f:
             rec = _Recorder(f)
             write(rec)
             rec.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        return tmp
     except OSError as e:
         raise write_error(path, e) from e
     except Exception as e:
         if rec is not None and rec.error is not None:  # e.g. torch.save's RuntimeError over a full disk
             raise write_error(path, rec.error) from e
         raise
+
+
+def atomic_write_many(files: Sequence[tuple[str, Callable[[IO], None], bool]]) -> None:
+    """:func:`atomic_write` for a set of files that belong together (``(path, write, binary)`` each, e.g. the
+    predictions' csv, json and png): every file is written to its temporary name first, and only when all of them
+    were written whole are they moved into place, so a failure (a full disk at the second file) leaves every file
+    that was there before untouched and no new one; the temporary files are removed on every exit path."""
+    made: list[str] = []
+    try:
+        temps = [_write_temporary(path, write, binary, made) for path, write, binary in files]
+        for (path, _, _), tmp in zip(files, temps):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(path, e) from e
+            made.remove(tmp)
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in made:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _atomic_write_owner(name: str) -> tuple[int, str] | None:

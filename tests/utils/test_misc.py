@@ -187,3 +187,42 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path):
         os.umask(old)
     mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
     assert mode(tmp_path / "a.json") == mode(tmp_path / "b.json") == 0o640
+
+
+# ------------------------------------------------------------------ issue 22: the predictions' files and interval
+def test_atomic_write_many_writes_all_files_or_none(tmp_path, monkeypatch):
+    """A failure at the second file (its temporary cannot be written) leaves the first file as it was, the second
+    not created, and no temporary behind; without a failure all of them are replaced."""
+    import errno
+    import tempfile
+
+    from utils.misc import WriteError, atomic_write_many
+    a, b = tmp_path / "a.csv", tmp_path / "b.json"
+    a.write_text("old\n")
+    real, seen = tempfile.mkstemp, [0]
+
+    def mkstemp(*args, **kw):
+        seen[0] += 1
+        if seen[0] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kw)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(WriteError, match=f"cannot write {b}: No space left on device"):
+        atomic_write_many([(str(a), lambda f: f.write("new\n"), False), (str(b), lambda f: f.write("{}"), False)])
+    assert a.read_text() == "old\n" and not b.exists() and sorted(os.listdir(tmp_path)) == ["a.csv"]
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    atomic_write_many([(str(a), lambda f: f.write("new\n"), False), (str(b), lambda f: f.write(b"{}"), True)])
+    assert a.read_text() == "new\n" and b.read_bytes() == b"{}" and sorted(os.listdir(tmp_path)) == ["a.csv", "b.json"]
+
+
+@pytest.mark.parametrize("correct,n", [(0, 15), (10, 15), (15, 15), (1, 2), (597, 600)])
+def test_wilson_interval_solves_its_quadratic(correct, n):
+    """The Wilson bounds are the p with (phat - p)^2 = z^2 p (1 - p) / n (float64), inside [0, 1], around phat."""
+    from utils.misc import wilson_interval
+    z, phat = 1.96, correct / n
+    lo, hi = wilson_interval(correct, n)
+    assert 0 <= lo <= phat <= hi <= 1 and hi - lo > 0
+    for p in (lo, hi):
+        assert abs((phat - p) ** 2 - z * z * p * (1 - p) / n) <= 1e-12
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
