@@ -1,4 +1,4 @@
-"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval} [flags]``.
+"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval, compare} [flags]``.
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``utils/options.py``.
 Errors caused by input (missing data, bad checkpoints, impossible settings, a full disk) print one ``error: ...``
@@ -40,7 +40,7 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
     if phase == "pre_train" and args.init_weights is not None:
         raise UserError(f"--init_weights {args.init_weights} is where --phase meta_train starts; pre_train always "
                         "trains its backbone from a random initialisation (drop --init_weights)")
-    if phase != "meta_eval" and args.eval_weights is not None:
+    if phase not in ("meta_eval", "compare") and args.eval_weights is not None:
         start = " (meta_train starts from --init_weights)" if phase == "meta_train" else ""
         raise UserError(f"--eval_weights {args.eval_weights} names the checkpoint that --phase meta_eval tests; "
                         f"{phase} does not read it{start}")
@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     if args.phase == "meta_eval":  # the model flags left out come from the checkpoint's spec; given ones are checked
         from trainer.meta import model_flags_from_checkpoint
         checkpoint_lines = model_flags_from_checkpoint(args)
+    elif args.phase == "compare":  # each checkpoint's model flags, the way they share (trainer/compare.py)
+        from trainer.compare import plan_compare
+        checkpoint_lines = plan_compare(args)
 
     from utils.gpu_tools import set_gpu
     set_gpu(args.gpu)
@@ -147,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     if args.phase == "meta_train":
         from trainer.meta import MetaTrainer
         return MetaTrainer(settings, device).run()
+    if args.phase == "compare":
+        from trainer.compare import run_compare
+        return run_compare(settings, device)
     from trainer.meta import meta_eval
     return meta_eval(settings, device)
 
