@@ -34,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 
 from utils.options import (build_parser, gpu_list, image_px, keep_rate, momentum, nonneg_float, nonneg_int, path_text,
                            positive_float, positive_int, query_count, seed_int, timeout_seconds)
@@ -864,6 +865,13 @@ def _ablation(smoke: bool = False) -> list[tuple[str, list[str], dict[str, tuple
             out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s)), msrc))
             out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s)),
                         {**msrc, **srcs["test"]}))
+        # the rows against each other on the same episodes: paired differences and tests (--phase compare, issue 23)
+        run = RunPaths(a["log_root"], c["dataset"], c["backbone"], c["way"], shot)
+        metas = [replace(run, meta_label=lab, hard_task=ht).meta_checkpoint
+                 for lab, ht, on in ((a["meta"]["meta_label"], False, True), (a["meta"]["meta_label"], True, True),
+                                     (a["scratch"]["meta_label"], False, a["scratch_row"])) if on]
+        out.append((f"{shot}-shot compare", main_cmd("compare", test + ["--eval_weights", pre_ckpt,
+                                                                        f"{pre_ckpt}:centroid", *metas]), tsrc))
     out.append(("report", [sys.executable, "-m", "tools.report", "--log_root", a["log_root"], "--dataset",
                            c["dataset"], "--backbone", c["backbone"], "--way", str(c["way"]), "--shots",
                            *[str(s) for s in a["shots"]], "--label", a["meta"]["meta_label"], "--scratch_label",
