@@ -1,4 +1,4 @@
-"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval, predict, embed} [flags]``.
+"""Entry point: ``python main.py --phase {pre_train, meta_train, meta_eval, compare, predict, embed} [flags]``.
 
 The flags (all of the official PyTorch ``main.py``'s, plus ours) are defined once in ``config/options.py``; the phases
 are :data:`PHASES` (a name -> its runner; adding a phase is one function and its line there, plus its name in
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # (annotations only: main.py imports the trainers when a phas
 
     import torch
 
+    from config.compare import CompareSettings
     from config.settings import PredictSettings, Settings
 
 
@@ -56,7 +57,7 @@ def check_args(args, given: frozenset[str] = frozenset()) -> list[str]:
         if getattr(args, flag, None) is not None and phase not in phases:
             raise UserError(f"--{flag} {getattr(args, flag)} is read by --phase {' and '.join(phases)}; {phase} does "
                             f"not read it (drop --{flag})")
-    if phase not in ("meta_eval",) + PREDICT_PHASES and args.eval_weights is not None:
+    if phase not in ("meta_eval", "compare") + PREDICT_PHASES and args.eval_weights is not None:
         start = " (meta_train starts from --init_weights)" if phase == "meta_train" else ""
         raise UserError(f"--eval_weights {args.eval_weights} names the checkpoint that --phase meta_eval tests; "
                         f"{phase} does not read it{start}")
@@ -169,6 +170,24 @@ def prepare_meta_eval(args: "argparse.Namespace") -> list[str]:
     return model_flags_from_checkpoint(args)
 
 
+def compare(settings: "CompareSettings", device: "torch.device") -> dict:
+    """Score several checkpoints / heads on one fixed episode set, with paired tests (``trainer/compare.py``)."""
+    from trainer.compare import run_compare
+    return run_compare(settings, device)
+
+
+def prepare_compare(args: "argparse.Namespace") -> list[str]:
+    """compare's preparation: the methods of ``--eval_weights``, the way they share, each one's model flags from its
+    checkpoint (:func:`config.compare.plan_compare`)."""
+    from config.compare import plan_compare
+    return plan_compare(args)
+
+
+def compare_settings(args: "argparse.Namespace") -> "CompareSettings":
+    from config.compare import CompareSettings
+    return CompareSettings.from_args(args)
+
+
 def predict(settings: "PredictSettings", device: "torch.device") -> dict:
     """Classify your own query images with a head fitted on your support folder (``trainer/predict.py``, issue 22)."""
     from trainer.predict import predict as run
@@ -198,6 +217,7 @@ PHASES: dict[str, Phase] = {
     "pre_train": Phase(pre_train),
     "meta_train": Phase(meta_train),
     "meta_eval": Phase(meta_eval, prepare=prepare_meta_eval),
+    "compare": Phase(compare, prepare=prepare_compare, settings=compare_settings),
     "predict": Phase(predict, prepare=prepare_predict, settings=predict_settings, task=False),
     "embed": Phase(embed, prepare=prepare_predict, settings=predict_settings, task=False),
 }

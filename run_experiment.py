@@ -14,6 +14,8 @@
     python run_experiment.py PREDICT     classify the images of QUERY_DIR with a head fitted on SUPPORT_DIR, by the
                                          meta-trained model TEST tests (main.py --phase predict; README "Few-shot
                                          on your own images")
+    python run_experiment.py SUMMARY     the seed summary of the TEST results of every seed of SEEDS
+                                         (<LOG_DIR>/seeds/<run>/summary.json, summary.md; python -m tools.report)
 
 Options after the mode: ``--recipe paper|pytorch`` (default paper: the constants below; pytorch: the official
 PyTorch code's settings, i.e. ``main.py``'s defaults, with only the folder/device constants applied),
@@ -35,6 +37,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 
 from config.options import (build_parser, gpu_list, image_px, keep_rate, momentum, nonneg_float, nonneg_int,
                             path_text, positive_float, positive_int, query_count, seed_int, timeout_seconds)
@@ -91,6 +94,9 @@ RESUME = False                 # continue interrupted runs (main.py --resume)
 OVERWRITE = False              # re-run into a folder holding a run: move that run aside (main.py --overwrite)
 DEVICE = "auto"                # auto, cpu or cuda
 META_LABEL = "exp1"            # label of the meta-train run
+SEEDS = [1]                    # --seed of the runs. Several (e.g. [1, 2, 3]): PRE, META, TEST and META_LOAD run once
+                               # per seed, each into its own <LOG_DIR>/seed<N>/ (one shared cache), and META, TEST
+                               # and SUMMARY end with the summary across seeds (<LOG_DIR>/seeds/<run>/summary.json)
 DOWNLOAD_DIR = _under(LOG_DIR, "download_weights")       # META_LOAD / TEST_LOAD read weights from here
 PRE_WEIGHTS_FILE = "pretrain.pth"                           # a pre-trained encoder (ours or official PyTorch)
 META_WEIGHTS_FILE = "meta_{shot}shot.pth"                   # a meta-trained model (ours or official PyTorch)
@@ -151,7 +157,7 @@ ABLATION_SMOKE = {"log_root": _under(LOG_DIR, "ablation_smoke"),
                   "pre": {"pre_max_epoch": 1, "pre_iters_per_epoch": 20}, "meta": {"max_epoch": 2, "num_batch": 2},
                   "common": {"num_val_episodes": 50}, "test": {"num_test_episodes": 100}}
 
-MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLATION", "PREDICT")
+MODES = ("PRE", "META", "TEST", "META_LOAD", "TEST_LOAD", "DEMO", "BENCH", "ABLATION", "SUMMARY", "PREDICT")
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -409,6 +415,7 @@ def check_types() -> None:
         _fail(f"{FILE}: the constant {missing[0]} is missing; restore it (README: The constants of run_experiment.py)")
     for name in sorted(specs, key=lambda n: _line((n,))):
         _check((name,), *specs[name])
+    check_seeds()
     if _format_error(META_WEIGHTS_FILE):
         _fail(f"{_at(('META_WEIGHTS_FILE',))}: META_WEIGHTS_FILE = {META_WEIGHTS_FILE!r} must be a file name in "
               "which {shot} stands for SHOT_NUM (e.g. 'meta_{shot}shot.pth'), with no other {...}")
@@ -534,9 +541,10 @@ def check_download(mode: str) -> None:
 
 
 def predict_checkpoint(recipe: str = "paper") -> str:
-    """PREDICT's model: the meta run's best checkpoint, ``max_acc.pth`` of the folder META writes (what TEST tests)."""
+    """PREDICT's model: the meta run's best checkpoint, ``max_acc.pth`` of the folder META writes (what TEST tests),
+    of the first seed of SEEDS."""
     from config.options import parse_args
-    return RunPaths.from_args(parse_args(common_flags(recipe))).meta_checkpoint
+    return RunPaths.from_args(parse_args(_seeded(*_common(recipe), SEEDS[0])[0])).meta_checkpoint
 
 
 def check_predict(recipe: str) -> None:
@@ -581,9 +589,69 @@ def _without(flags: list[str], flag: str) -> list[str]:
     return flags[:i] + flags[i + 2:]
 
 
+# ------------------------------------------------------------------------------------------------------------
+# SEEDS (issue 23): one run per seed. With one seed the commands are the single run's (plus --seed); with several, each
+# seed's commands get their own --log_root <LOG_DIR>/seed<N> (the decoded-image cache stays shared: --cache_dir
+# <LOG_DIR>/cache, where the single run keeps it) and META, TEST and SUMMARY end with the summary across the seeds
+# (python -m tools.report --seeds: per seed mean ± 95% interval, the mean over seeds, the std across them).
+def check_seeds() -> None:
+    """SEEDS: a non-empty list of --seed values, no seed twice, no 0 (a random draw) among several."""
+    key = ("SEEDS",)
+    if not isinstance(SEEDS, (list, tuple)) or not SEEDS:
+        _fail(f"{_at(key)}: SEEDS = {SEEDS!r} must be a list of seeds, e.g. [1] or [1, 2, 3]")
+    for i in range(len(SEEDS)):
+        _check(("SEEDS", i), seed_int, "--seed")
+    twice = next((x for i, x in enumerate(SEEDS) if x in SEEDS[:i]), None)
+    if twice is not None:
+        _fail(f"{_at(key)}: SEEDS = {SEEDS!r} names seed {twice} twice: each seed runs once, into its own folder "
+              f"({_under(LOG_DIR, f'seed{twice}')}); remove the repeat")
+    if len(SEEDS) > 1 and 0 in SEEDS:
+        _fail(f"{_at(key)}: SEEDS = {SEEDS!r}: seed 0 draws a random seed in each run, which a list of several cannot "
+              "name a folder by; use seeds >= 1")
+
+
+def seed_log_root(seed: int) -> str:
+    """Where the runs of ``seed`` go: ``LOG_DIR`` for a single seed, else ``<LOG_DIR>/seed<N>``."""
+    return LOG_DIR if len(SEEDS) == 1 else os.path.join(LOG_DIR, f"seed{seed}")
+
+
+def _seeded(flags: list[str], src: dict[str, tuple], seed: int) -> tuple[list[str], dict[str, tuple]]:
+    """``flags`` with ``--seed`` and, for several seeds, the seed's --log_root and the shared --cache_dir."""
+    flags = flags + ["--seed", str(seed)]
+    if len(SEEDS) > 1:
+        i = flags.index("--log_root")
+        flags = flags[:i + 1] + [seed_log_root(seed)] + flags[i + 2:] + ["--cache_dir", os.path.join(LOG_DIR, "cache")]
+    return flags, {**src, "--seed": ("SEEDS",), "--cache_dir": ("LOG_DIR",)}
+
+
+def summary_command(recipe: str = "paper") -> tuple[list[str], dict[str, tuple]]:
+    """``python -m tools.report --seeds <meta run of each seed> --out <LOG_DIR>/seeds/<run>``: the folders are where
+    each seed's TEST command writes its results (read back from that command, config.settings.RunPaths)."""
+    from config.options import parse_args
+    dirs = []
+    for seed in SEEDS:
+        test = _seed_commands("TEST", recipe, seed)[0][0]
+        dirs.append(RunPaths.from_args(parse_args(test[test.index(script("main.py")) + 1:])).meta_dir)
+    out = os.path.join(LOG_DIR, "seeds", os.path.basename(dirs[0]))
+    return [sys.executable, "-m", "tools.report", "--seeds", *dirs, "--out", out], {}
+
+
 def _commands(mode: str, recipe: str = "paper") -> list[tuple[list[str], dict[str, tuple]]]:
-    """:func:`commands`, each with the constant each of its flags comes from."""
-    f, src = _common(recipe)
+    """:func:`commands`, each with the constant each of its flags comes from: the mode's commands for each seed of
+    SEEDS (TEST_LOAD: the first, it tests one downloaded model; PREDICT: the first seed's model), then the seed summary (mode SUMMARY; META, TEST
+    and META_LOAD with several seeds)."""
+    out = []
+    if mode != "SUMMARY":
+        for seed in (SEEDS[:1] if mode in ("TEST_LOAD", "PREDICT") else SEEDS):
+            out += _seed_commands(mode, recipe, seed)
+    if mode == "SUMMARY" or (len(SEEDS) > 1 and mode in ("META", "TEST", "META_LOAD")):
+        out.append(summary_command(recipe))
+    return out
+
+
+def _seed_commands(mode: str, recipe: str, seed: int) -> list[tuple[list[str], dict[str, tuple]]]:
+    """The commands of ``mode`` for one seed (:func:`seed_log_root`)."""
+    f, src = _seeded(*_common(recipe), seed)
     resume = ["--resume"] if RESUME else (["--overwrite"] if OVERWRITE else [])
     if mode == "PRE":
         return [(main_cmd("pre_train", f, resume), src)]
@@ -844,6 +912,13 @@ def _ablation(smoke: bool = False) -> list[tuple[str, list[str], dict[str, tuple
             out.append((f"{shot}-shot {name} meta-train", main_cmd("meta_train", _flags(c, a["meta"], extra, s)), msrc))
             out.append((f"{shot}-shot {name} test", main_cmd("meta_eval", _flags(c, a["meta"], a["test"], extra, s)),
                         {**msrc, **srcs["test"]}))
+        # the rows against each other on the same episodes: paired differences and tests (--phase compare, issue 23)
+        run = RunPaths(a["log_root"], c["dataset"], c["backbone"], c["way"], shot)
+        metas = [replace(run, meta_label=lab, hard_task=ht).meta_checkpoint
+                 for lab, ht, on in ((a["meta"]["meta_label"], False, True), (a["meta"]["meta_label"], True, True),
+                                     (a["scratch"]["meta_label"], False, a["scratch_row"])) if on]
+        out.append((f"{shot}-shot compare", main_cmd("compare", test + ["--eval_weights", pre_ckpt,
+                                                                        f"{pre_ckpt}:centroid", *metas]), tsrc))
     out.append(("report", [sys.executable, "-m", "tools.report", "--log_root", a["log_root"], "--dataset",
                            c["dataset"], "--backbone", c["backbone"], "--way", str(c["way"]), "--shots",
                            *[str(s) for s in a["shots"]], "--label", a["meta"]["meta_label"], "--scratch_label",

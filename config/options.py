@@ -39,7 +39,7 @@ from models.heads import HEADS
 from models.resnet_mtl import BACKBONES
 from utils.gpu_tools import AMP_DTYPES
 
-PHASES = ("pre_train", "meta_train", "meta_eval", "predict", "embed")  # predict, embed: issue 22
+PHASES = ("pre_train", "meta_train", "meta_eval", "compare", "predict", "embed")  # compare: several --eval_weights (trainer/compare.py); predict, embed: issue 22
 DATASETS = ("miniImageNet", "tieredImageNet", "FC100", "CIFAR-FS", "glyphs", "custom")
 
 # What the paper / official code fixes per benchmark (docs/DATA.md). Nothing here is a flag default: the number of
@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gamma", type=positive_float, default=0.5, help="meta lr decay factor")
     a("--init_weights", type=path_text, default=None,
       help="pre-trained encoder checkpoint for meta_train ('scratch': a random backbone, the no-pre-training ablation)")
-    flex(a("--eval_weights", type=path_text, default=None,
-           help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline)"))
+    flex(a("--eval_weights", type=path_text, default=None, nargs="+",
+           help="checkpoint to meta-test (meta, or pre = fine-tuned-head baseline); --phase compare: two or more, "
+                "each PATH or PATH:HEAD (a head of --eval_classifier's choices), scored on the same episodes"))
     a("--meta_label", type=label_text, default="exp1", help="suffix of the meta-train log folder")
     flex(a("--pre_max_epoch", type=positive_int, default=100))
     a("--pre_batch_size", type=positive_int, default=128)
@@ -462,6 +463,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.recipe_source = source
     args._explicit = explicit  # (not a setting: settings_dict leaves it out)
+    if args.eval_weights is not None and args.phase != "compare":  # one checkpoint, a str, outside compare
+        if len(args.eval_weights) > 1:
+            parser.exit(2, f"error: --eval_weights names one checkpoint in --phase {args.phase}, got "
+                           f"{len(args.eval_weights)} ({' '.join(args.eval_weights)}); several are compared by "
+                           "--phase compare\n")
+        args.eval_weights = args.eval_weights[0]
     if args.test_update_step is None:
         args.test_update_step = args.update_step
     if args.test_query is None:

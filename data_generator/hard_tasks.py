@@ -21,7 +21,9 @@ Choices the CVPR paper leaves open (reference section 10), as flags:
 
 When fewer than ``way`` distinct failure classes were recorded, the hard task is topped up with the meta-batch's
 other classes ranked by their accuracy (lowest first); the log says which (``topped_up``).
-Every meta-batch writes one JSON line to ``hard_tasks.jsonl`` in the run's log folder.
+Every meta-batch writes one JSON line to ``hard_tasks.jsonl`` in the run's log folder: the failure classes and their
+query accuracies, the query accuracy of each normal task and of each hard task (how hard the hard tasks were: the run
+report, ``trainer/run_report.py``, compares the two), the classes added by the top-up and the hard tasks' classes.
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ class HardTaskPlanner:
     def reset(self) -> None:
         self.failures: list[int] = []          # failure class of each normal task (dataset class ids)
         self.failure_acc: list[float] = []
+        self.task_acc: list[float] = []        # query accuracy of each normal task
+        self.hard_acc: list[float] = []        # query accuracy of each hard task (record_hard)
         self.class_acc: dict[int, list[float]] = {}   # every class seen in the meta-batch -> accuracies
         self.used: set[int] = set()            # image indices used by the meta-batch
 
@@ -99,11 +103,16 @@ class HardTaskPlanner:
         m = int(classes[pick])
         self.failures.append(m)
         self.failure_acc.append(float(acc[pick]))
+        self.task_acc.append(float(acc.mean()))
         for c, v in zip(classes, acc):
             self.class_acc.setdefault(int(c), []).append(float(v))
         if episode is not None:
             self.used.update(int(i) for i in episode)
         return m
+
+    def record_hard(self, per_class_acc: np.ndarray) -> None:
+        """The query accuracy of a hard task that ran (``(way,)`` per class), for the log: how hard it was."""
+        self.hard_acc.append(float(np.asarray(per_class_acc, dtype=np.float64).mean()))
 
     def hard_classes(self) -> tuple[list[int], list[int]]:
         """``way`` classes for one hard task (Alg. 1 line 15), and those added by the top-up."""
@@ -150,6 +159,8 @@ class HardTaskPlanner:
         entry = {"iteration": iteration,
                  "failure_classes": [names[c] for c in self.failures],
                  "failure_accuracies": [round(a, 4) for a in self.failure_acc],
+                 "task_accuracies": [round(a, 4) for a in self.task_acc],
+                 "hard_task_accuracies": [round(a, 4) for a in self.hard_acc],
                  "topped_up": [names[c] for c in topped_all],
                  "hard_tasks": [[names[c] for c in t.classes] for t in tasks]}
         if write:

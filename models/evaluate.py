@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_generator.meta_data_generator import episode_labels
+from data_generator.meta_data_generator import by_class, episode_classes, episode_labels
 from utils import distributed
 from utils.finite import NonFiniteError, all_finite, first_nonfinite_row
 from utils.gpu_tools import autocast, to_device
@@ -54,7 +54,8 @@ from .heads import HEADS, FewShotHead, InnerLoop, make_head
 if TYPE_CHECKING:  # (annotations only)
     from data_generator.dataset_loader import ImageSet
 
-__all__ = ["EvalSettings", "hflip", "encode_split", "evaluate", "evaluate_bank", "evaluate_episodic"]
+__all__ = ["EvalSettings", "hflip", "encode_split", "encode_bank", "evaluate", "evaluate_bank", "evaluate_episodic",
+           "class_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,33 @@ def _nonfinite(ev: EvalSettings | None, imageset: ImageSet | None, kind: str, ep
     return err
 
 
+def encode_bank(encoder: nn.Module, imageset: ImageSet, transform, ev: EvalSettings, device: torch.device,
+                desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The feature bank of a split for the evaluation ``ev``: every image encoded once (:func:`encode_split`), and
+    with ``ev.flip_support`` every image's horizontal flip too. Several heads scored on one encoder share it
+    (``evaluate(..., features=...)``: ``--phase compare`` encodes each test image once per model).
+
+    Returns:
+        ``(features (N, D), flipped features (N, D) or None)``.
+    Raises:
+        :class:`utils.finite.NonFiniteError` naming the phase and the image, for a non-finite feature.
+    """
+    try:
+        feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress, desc=desc)
+        flipped = None
+        if ev.flip_support:
+            flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
+                                   desc=desc + " (flipped)", flipped=True)
+    except NonFiniteError as e:
+        raise _nonfinite(ev, imageset, "features", image=e.image, flipped=e.flipped) from None
+    return feats, flipped
+
+
 def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, init_w: torch.Tensor,
-             init_b: torch.Tensor, ev: EvalSettings, device: torch.device,
-             desc: str = "encode") -> tuple[float, float, np.ndarray]:
-    """The one evaluation entry point (pre-train validation, meta-validation, meta-test).
+             init_b: torch.Tensor, ev: EvalSettings, device: torch.device, desc: str = "encode",
+             features: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+             return_class_acc: bool = False) -> tuple:
+    """The one evaluation entry point (pre-train validation, meta-validation, meta-test, ``--phase compare``).
 
     Args:
         episodes: ``(E, way * (shot + query))`` fixed episodes (``fixed_episodes``) of ``imageset``.
@@ -154,46 +178,48 @@ def evaluate(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.nda
             ``finetune``).
         ev: the evaluation's settings: the inner loop, bank or episodic, the head (``ev.classifier``), batch size,
             AMP.
+        features: bank mode: the split's bank from :func:`encode_bank` for this ``encoder`` (not encoded again);
+            None: encoded here.
+        return_class_acc: also return each episode's per-class query accuracy.
     Returns:
-        ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1].
+        ``(mean, ci95, accuracies (E,))`` with accuracies in [0, 1]; with ``return_class_acc`` a fourth element,
+        ``(E, way)`` float32: the query accuracy of each episode label (column k: the class
+        ``episode_classes(episode, labels, way)[k]``).
     """
     n_all = len(episodes)
     first, _ = distributed.shard_range(n_all)
     episodes = distributed.shard(episodes)  # torchrun: each rank scores a block of the episodes; gathered below
     if ev.mode != "episodic":  # (the features of the whole split: every rank holds and checks the same)
-        try:
-            feats = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
-                                 desc=desc)
-            flipped = None
-            if ev.flip_support:
-                flipped = encode_split(encoder, imageset, transform, device, ev.batch_size, ev.amp, ev.progress,
-                                       desc=desc + " (flipped)", flipped=True)
-        except NonFiniteError as e:
-            raise _nonfinite(ev, imageset, "features", image=e.image, flipped=e.flipped) from None
+        feats, flipped = features if features is not None else encode_bank(encoder, imageset, transform, ev,
+                                                                            device, desc)
     bad = None  # this rank's first non-finite finding: (kind, global episode, image, flipped)
+    class_accs = np.zeros((0, ev.way), np.float32)
     try:
         if ev.mode == "episodic":  # the per-episode reference: the autograd inner loop
             head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="autograd")
-            accs = evaluate_episodic(encoder, imageset, transform, episodes, head, ev, device)
+            accs = evaluate_episodic(encoder, imageset, transform, episodes, head, ev, device, return_class_acc=True)
         else:  # the bank: all episodes batched, the closed-form inner loop
             head = make_head(ev.classifier, ev.way, (init_w, init_b), ev.inner, order="first")
-            accs = evaluate_bank(feats, episodes, head, ev, flipped_features=flipped) \
-                if len(episodes) else np.zeros(0, np.float32)
+            accs = evaluate_bank(feats, episodes, head, ev, flipped_features=flipped, return_class_acc=True) \
+                if len(episodes) else (np.zeros(0, np.float32), class_accs)
+        accs, class_accs = accs
     except NonFiniteError as e:
         bad, accs = (e.kind, first + e.episode, e.image, e.flipped), np.zeros(0, np.float32)
     if distributed.active():  # every rank learns of a finding on any rank, so all stop together
-        parts = distributed.all_gather_objects((accs, bad))
-        accs = np.concatenate([a for a, _ in parts]).astype(np.float32)
-        bad = next((b for _, b in parts if b is not None), None)
+        parts = distributed.all_gather_objects((accs, class_accs, bad))
+        accs = np.concatenate([a for a, _, _ in parts]).astype(np.float32)
+        class_accs = np.concatenate([c for _, c, _ in parts]).astype(np.float32)
+        bad = next((b for _, _, b in parts if b is not None), None)
     if bad is not None:
         kind, episode, image, flipped = bad
         raise _nonfinite(ev, imageset, kind, episode, n_all, image, flipped)
     mean, ci = mean_ci(accs)
-    return mean, ci, accs
+    return (mean, ci, accs, class_accs) if return_class_acc else (mean, ci, accs)
 
 
 def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, head: FewShotHead, ev: EvalSettings,
-                  flipped_features: torch.Tensor | None = None, chunk: int = 500) -> np.ndarray:
+                  flipped_features: torch.Tensor | None = None, chunk: int = 500,
+                  return_class_acc: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run all episodes on stored features, ``chunk`` episodes at a time: ``head`` is fitted on the chunk's
     support sets together (T = the chunk's episodes) and scores their queries.
 
@@ -206,8 +232,9 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, head: FewShotHea
         flipped_features: ``(N, D)`` features of the flipped images, given exactly when ``ev.flip_support``: the
             support set becomes ``(E, 2 * way * shot, D)``, the support then its flips (labels ``position % way``
             throughout).
+        return_class_acc: also return the ``(E, way)`` per-class query accuracies (episode label order).
     Returns:
-        ``(E,)`` query accuracies in [0, 1].
+        ``(E,)`` query accuracies in [0, 1] (with ``return_class_acc``: and the ``(E, way)`` ones).
     Raises:
         :class:`utils.finite.NonFiniteError` at the first chunk whose logits hold a NaN or an infinity (``episode``:
         the first such episode, 0-based).
@@ -216,7 +243,7 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, head: FewShotHea
         raise ValueError("evaluate_bank: flipped_features must be given exactly when ev.flip_support is set")
     way, shot = ev.way, ev.shot
     n_s = way * shot
-    accs = []
+    accs, class_accs = [], []
     idx_all = torch.from_numpy(np.asarray(episodes, dtype=np.int64))
     for start in range(0, len(idx_all), chunk):
         idx = idx_all[start:start + chunk].to(features.device)
@@ -227,16 +254,23 @@ def evaluate_bank(features: torch.Tensor, episodes: np.ndarray, head: FewShotHea
         y_s = episode_labels(way, k).to(features.device).expand(len(idx), -1)
         logits = head.fit(f_s, y_s).logits(f[:, n_s:])
         y_q = episode_labels(way, (idx.shape[1] - n_s) // way).to(features.device)
-        acc = (logits.argmax(-1) == y_q).float().mean(1)
-        out = torch.cat([acc, torch.isfinite(logits).all().float()[None]]).cpu()  # one transfer: accs and the check
+        hit = (logits.argmax(-1) == y_q).float()                             # (e, n_q)
+        acc = hit.mean(1)
+        per_class = [by_class(hit, way, dim=1).mean(1).reshape(-1)] if return_class_acc else []   # (e * way,)
+        out = torch.cat([acc, *per_class, torch.isfinite(logits).all().float()[None]]).cpu()  # one transfer
         if not out[-1]:
             raise _nonfinite(None, None, "logits", start + first_nonfinite_row(logits), len(idx_all))
-        accs.append(out[:-1])
-    return torch.cat(accs).numpy()
+        accs.append(out[:len(idx)])
+        class_accs.append(out[len(idx):-1].view(-1, way))
+    accs_np = torch.cat(accs).numpy()
+    if not return_class_acc:
+        return accs_np
+    return accs_np, torch.cat(class_accs).numpy() if class_accs else np.zeros((0, way), np.float32)
 
 
 def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episodes: np.ndarray, head: FewShotHead,
-                      ev: EvalSettings, device: torch.device) -> np.ndarray:
+                      ev: EvalSettings, device: torch.device,
+                      return_class_acc: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The per-episode reference path: each episode's images go through the encoder (eval mode) and ``head`` is
     fitted and scores it, one episode at a time (``evaluate`` gives the ``finetune`` head the autograd inner loop,
     ``order autograd``). From ``ev``: ``way``, ``shot``, ``progress``; ``amp``: the encoder runs under
@@ -245,7 +279,7 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
     flips, ``(2 * way * shot, 3, S, S)``, as the TF test graph's ``inputa``).
 
     Returns:
-        ``(E,)`` query accuracies in [0, 1].
+        ``(E,)`` query accuracies in [0, 1] (with ``return_class_acc``: and the ``(E, way)`` per-class ones).
     Raises:
         :class:`utils.finite.NonFiniteError` at the first episode whose features or logits hold a NaN or an infinity
         (``episode`` 0-based, ``image`` the split index of the first such image).
@@ -254,7 +288,7 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
     was_training = encoder.training
     encoder.eval()
     n_s = way * shot
-    accs = []
+    accs, class_accs = [], []
     for i, ep in enumerate(tqdm(episodes, desc="episodes", disable=not ev.progress, leave=False)):
         images = np.ascontiguousarray(imageset.images[ep])
         x = transform(to_device(torch.from_numpy(images), device))
@@ -268,9 +302,11 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
         with torch.enable_grad():
             logits = head.fit(f_s[None], episode_labels(way, k).to(device)[None]).logits(f_q[None])
         y_q = episode_labels(way, (len(ep) - n_s) // way).to(device)
-        acc = (logits[0].argmax(-1) == y_q).float().mean()
+        hit = (logits[0].argmax(-1) == y_q).float()
+        acc = hit.mean()
         checks = torch.stack([torch.isfinite(f_q).all(), torch.isfinite(f_s).all(), torch.isfinite(logits).all()])
-        acc, ok_q, ok_s, ok_logits = torch.cat([acc[None], checks.float()]).tolist()  # one sync, as before
+        per_class = by_class(hit, way).mean(0) if return_class_acc else hit[:0]              # (way,) or empty
+        acc, ok_q, ok_s, ok_logits, *cls = torch.cat([acc[None], checks.float(), per_class]).tolist()  # one sync
         if not (ok_q and ok_s and ok_logits):
             encoder.train(was_training)
             if not ok_q:
@@ -280,5 +316,30 @@ def evaluate_episodic(encoder: nn.Module, imageset: ImageSet, transform, episode
                 raise _nonfinite(None, imageset, "features", i, len(episodes), int(ep[row % n_s]), row >= n_s)
             raise _nonfinite(None, None, "logits", i, len(episodes))
         accs.append(acc)
+        class_accs.append(cls)
     encoder.train(was_training)
-    return np.asarray(accs, dtype=np.float32)
+    accs_np = np.asarray(accs, dtype=np.float32)
+    if not return_class_acc:
+        return accs_np
+    return accs_np, np.asarray(class_accs, dtype=np.float32).reshape(len(accs), way)
+
+
+def class_accuracy(class_accs: np.ndarray, episodes: np.ndarray, labels: np.ndarray,
+                   class_names: list[str]) -> dict[str, dict[str, float | int]]:
+    """Per test class: the query accuracy over the episodes it appeared in (each episode has the same number of
+    queries of each of its classes, so this is the fraction of all its queries classified right), and that count.
+
+    Args:
+        class_accs: ``(E, way)`` from ``evaluate(..., return_class_acc=True)``, episode label order.
+        episodes: ``(E, way * (shot + query))`` the episodes they were scored on; labels ``(N,)`` and class_names
+            ``(C,)`` of the split.
+    Returns:
+        ``{class name: {"acc": % (4 decimals), "episodes": n}}`` for the classes that appeared, in split order.
+    """
+    way = class_accs.shape[1]
+    ids = np.stack([episode_classes(ep, labels, way) for ep in episodes]) if len(episodes) else \
+        np.zeros((0, way), np.int64)                                              # (E, way) dataset class ids
+    n = np.bincount(ids.reshape(-1), minlength=len(class_names))
+    total = np.bincount(ids.reshape(-1), weights=class_accs.reshape(-1).astype(np.float64), minlength=len(class_names))
+    return {class_names[c]: {"acc": round(100 * float(total[c] / n[c]), 4), "episodes": int(n[c])}
+            for c in range(len(class_names)) if n[c]}

@@ -38,7 +38,7 @@ from utils.checkpoint import FORMAT, check_finite_weights, load_checkpoint, load
 from utils.errors import UserError
 from utils.misc import listing
 
-from .heads import fresh_init
+from .heads import HEADS, fresh_init
 from .mtl import MetaLearner, build_encoder
 from .resnet_mtl import BACKBONES, build_backbone
 from .spec import KINDS, Expect, HasSpec, ModelSpec, Weights
@@ -55,7 +55,13 @@ def check_weights_path(path: str, flag: str) -> None:
     """A one-line error, before any data is loaded, when the checkpoint named by ``flag`` (``--init_weights``,
     ``--eval_weights``) is not there: the path itself is named (never "run the phase first" for a file the user
     gave), with the checkpoints its folder does hold. TF weights (a folder or ``.npy``) are checked by
-    :func:`models.tf_weights.tf_folder`; a folder holding ``.pth`` files but no ``weights.npy`` names those files."""
+    :func:`models.tf_weights.tf_folder`; a folder holding ``.pth`` files but no ``weights.npy`` names those files.
+    ``PATH:HEAD`` (a method of ``--phase compare``) given to meta_eval names ``--eval_classifier``."""
+    prefix, sep, head = path.rpartition(":")
+    if flag == "--eval_weights" and sep and head in HEADS and not os.path.exists(path) and os.path.exists(prefix):
+        raise UserError(f"--eval_weights {path}: ':{head}' after a checkpoint names its head in --phase compare; "
+                        f"meta_eval takes the head from --eval_classifier: pass --eval_weights {prefix} "
+                        f"--eval_classifier {head}")
     if os.path.isdir(path):
         pths = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
         if pths and not os.path.isfile(os.path.join(path, "weights.npy")):

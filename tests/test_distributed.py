@@ -202,7 +202,7 @@ def test_rank_0_alone_writes_one_copy_of_each_file(meta_runs):
     base, _, _ = meta_runs
     two = base / "two" / META_DIR
     names = sorted(p.name for p in two.iterdir())
-    assert names == ["args.json", "hard_tasks.jsonl", "last.pth", "max_acc.pth", "resume.pth", "tb",
+    assert names == ["args.json", "hard_tasks.jsonl", "last.pth", "max_acc.pth", "report.md", "resume.pth", "tb",
                      "trlog.json"], names
     assert len(list((two / "tb").iterdir())) == 1  # one TensorBoard file, from rank 0
     def files(root: Path) -> list[str]:
@@ -259,7 +259,8 @@ def test_meta_test_accuracies_identical(npz, meta_runs):
         assert res[0]["episodes"] == res[1]["episodes"] == 25
         assert (res[0]["mean"], res[0]["ci95"]) == (res[1]["mean"], res[1]["ci95"]), mode
         assert res[1]["settings"]["world_size"] == 2
-        assert sorted(p.name for p in (base / f"eval2{mode}").iterdir()) == ["max_acc.pth", "results.json"]
+        assert sorted(p.name for p in (base / f"eval2{mode}").iterdir()) == ["max_acc.pth", "report.md",
+                                                                             "results.json"]
 
 
 def pre_flags(npz: str, root: Path, batch: int) -> list[str]:

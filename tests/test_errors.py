@@ -231,6 +231,8 @@ def case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
         return RUN_CASES[cid](c, monkeypatch)
     if cid in MODEL_CASES:
         return MODEL_CASES[cid](c, monkeypatch)
+    if cid in COMPARE_CASES:
+        return COMPARE_CASES[cid](c, monkeypatch)
     if cid in FORMAT_CASES:
         return FORMAT_CASES[cid](c, monkeypatch)
     if cid in DATA_CASES:
@@ -899,6 +901,95 @@ def test_predict_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
     assert tree_hashes(c.logs) == before and not (c.logs / "predict").exists()
 
 
+# ------------------------------------- issue 23: --phase compare, several --eval_weights, the reports (E180-E192;
+# trainer/compare.py, config/compare.py, config/options.py; E189 is run_experiment.py's SEEDS: tests/test_run_experiment.py; E190-E192 are
+# python -m tools.report's: test_report_row below)
+COMPARE = ["--phase", "compare"]
+
+
+def _ckpts(c: Case) -> tuple[str, str]:
+    return str(c.logs / PRE_DIR / "max_acc.pth"), str(c.logs / META_DIR / "max_acc.pth")
+
+
+def _e180(c, mp):  # one method only
+    return c.argv(*COMPARE, "--eval_weights", _ckpts(c)[1])
+
+
+def _e181(c, mp):  # an unknown head after ':'
+    pre, meta = _ckpts(c)
+    return c.argv(*COMPARE, "--eval_weights", meta, f"{pre}:centroidd")
+
+
+def _e182(c, mp):  # a checkpoint that does not load (the second of two)
+    src = (c.logs / META_DIR / "max_acc.pth").read_bytes()
+    (c.tmp / "cut.pth").write_bytes(src[: len(src) // 2])
+    return c.argv(*COMPARE, "--eval_weights", _ckpts(c)[1], str(c.tmp / "cut.pth"))
+
+
+def _e183(c, mp):  # two meta checkpoints of different way
+    def three_way(ck):
+        ck["base_learner"] = {k: v[:3] for k, v in ck["base_learner"].items()}
+        ck["spec"]["way"] = 3
+    return c.argv(*COMPARE, "--eval_weights", _ckpts(c)[1], c.edited_checkpoint(three_way))
+
+
+def _e184(c, mp):  # --way given that a meta checkpoint contradicts
+    pre, meta = _ckpts(c)
+    return c.argv(*COMPARE, "--way", "3", "--eval_weights", pre, meta)
+
+
+def _e185(c, mp):  # several --eval_weights outside compare
+    pre, meta = _ckpts(c)
+    return c.argv(*EVAL, "--eval_weights", pre, meta)
+
+
+def _e186(c, mp):  # the same method twice
+    pre, _ = _ckpts(c)
+    return c.argv(*COMPARE, "--eval_weights", pre, pre)
+
+
+def _e187(c, mp):  # a compare method PATH:HEAD given to meta_eval
+    return c.argv(*EVAL, "--eval_weights", f"{_ckpts(c)[0]}:centroid")
+
+
+def _e188(c, mp):  # compare.json cannot be written (a full disk): the tables were printed, exit 5
+    folder = c.logs / "compare" / "custom_5way1shot"
+    folder.mkdir(parents=True)
+    _fail_writes(mp, folder, after=0)
+    c.after = lambda: sorted(os.listdir(folder)) == []
+    pre, meta = _ckpts(c)
+    return c.argv(*COMPARE, "--eval_weights", pre, meta)
+
+
+COMPARE_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(180, 189)}
+REPORT_ROWS = ("E190", "E191", "E192")
+
+
+def report_case_argv(cid: str, c: Case) -> list[str]:
+    """The argv of ``python -m tools.report`` for rows E190-E192."""
+    if cid == "E190":  # a run folder that is not there
+        return [str(c.tmp / "no_such_run")]
+    if cid == "E191":  # a folder holding nothing a report reads
+        (c.tmp / "empty").mkdir()
+        return [str(c.tmp / "empty")]
+    # E192: --seeds with a run folder whose test was not run (the pre-train folder holds no results*.json)
+    return ["--seeds", str(c.logs / META_DIR), str(c.logs / PRE_DIR), "--out", str(c.tmp / "summary")]
+
+
+@pytest.mark.parametrize("cid", REPORT_ROWS)
+def test_report_row(cid, world, tmp_path, capsys):
+    """E190-E192: ``python -m tools.report`` (in-process ``tools.report.main``): one line, exit 2, nothing changed."""
+    from tools import report
+    c = Case(world, tmp_path)
+    (c.logs / META_DIR / "results.json").write_text(json.dumps({"mean": 50.0, "ci95": 1.0, "episodes": 10}))
+    argv = report_case_argv(cid, c)
+    before = tree_hashes(c.logs)
+    capsys.readouterr()
+    rc = report.main(argv)
+    check_output(cid, rc, capsys.readouterr().err)
+    assert tree_hashes(c.logs) == before and not (c.tmp / "summary").exists()
+
+
 TF_ROWS = [f"E{i:02d}" for i in range(50, 60)]
 TF = ["--backbone", "resnet12_slim", "--bn_mode", "tf"]
 
@@ -983,7 +1074,7 @@ def distributed_case(cid: str, c: Case, monkeypatch) -> list[str]:
 # Each flag's range at parse time (E110-E117), flags that conflict (E118-E123), messages that pointed the wrong way
 # (E124-E126). E127-E129 are run_experiment.py's constants: run by tests/test_run_experiment.py test_catalogue_row.
 SEED_ROWS = [f"E{i}" for i in range(110, 127)]
-RUN_EXPERIMENT_ROWS = ("E127", "E128", "E129")
+RUN_EXPERIMENT_ROWS = ("E127", "E128", "E129", "E189")
 
 
 def seed_case_argv(cid: str, c: Case, monkeypatch) -> list[str]:
@@ -1119,16 +1210,17 @@ def test_useless_flags_warn_in_one_line_and_the_run_goes_on(case, world, tmp_pat
 
 
 # issue 11: E36-E48, 12: E50-E59, 13: E63-E67 (torchrun), 16: E70, 20: E71-E89 (reading data), E90-E109 (run
-# faults), E110-E126 (flags; E127-E129 run_experiment), 21: E140-E141 (the model spec), 22: E160-E174 (predict)
+# faults), E110-E126 (flags; E127-E129 run_experiment), 21: E140-E141 (the model spec), 22: E160-E174 (predict),
+# 23: E180-E188 (compare; E189 run_experiment, E190-E192 tools.report)
 CASES = ([f"E{i:02d}" for i in range(1, 36)] + sorted(FORMAT_CASES) + TF_ROWS + [f"E{i}" for i in range(63, 68)]
          + ["E70"] + sorted(DATA_CASES) + sorted(RUN_CASES) + SEED_ROWS + sorted(MODEL_CASES)
-         + sorted(PREDICT_CASES))
+         + sorted(PREDICT_CASES) + sorted(COMPARE_CASES))
 
 
 def test_every_row_of_the_catalogue_has_a_case():
     rows = doc_rows()
     assert len(rows) >= 15
-    assert sorted(rows) == sorted(CASES + list(RUN_EXPERIMENT_ROWS))  # (string order: E100 before E11)
+    assert sorted(rows) == sorted(CASES + list(RUN_EXPERIMENT_ROWS) + list(REPORT_ROWS))  # (string order: E100 < E11)
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -133,7 +136,7 @@ def test_iteration_constants_must_divide(monkeypatch):
 def test_unknown_or_missing_mode(argv):
     p = subprocess.run([sys.executable, "run_experiment.py"] + argv, capture_output=True, text=True)
     assert p.returncode == 2
-    assert "modes: PRE, META, TEST, META_LOAD, TEST_LOAD, DEMO, BENCH, ABLATION" in p.stderr
+    assert "modes: PRE, META, TEST, META_LOAD, TEST_LOAD, DEMO, BENCH, ABLATION, SUMMARY" in p.stderr
     assert "Traceback" not in p.stderr
 
 
@@ -243,6 +246,7 @@ CATALOGUE = {  # row -> (the line of run_experiment.py, its edit, the constant n
     "E127": ("PRE_TRA_ITER_MAX = 20000 ", 'PRE_TRA_ITER_MAX = "20000" ', "PRE_TRA_ITER_MAX"),
     "E128": ("SHOT_NUM = 1 ", "SHOT_NUM = 0 ", "SHOT_NUM"),
     "E129": ("IMAGE_SIZE = 84 ", "IMAGE_SIZE = 8 ", "IMAGE_SIZE"),
+    "E189": ("SEEDS = [1] ", "SEEDS = [1, 1] ", "SEEDS"),
 }
 
 
@@ -512,3 +516,79 @@ def test_a_root_with_files_no_demo_wrote_or_a_live_run_is_left_alone(monkeypatch
     assert "the previous DEMO's files are now" in claim_owned_folder(str(root), "DEMO", rx.DEMO_ENTRIES)
     assert (tmp_path / "demo.previous" / "pre" / "glyphs_conv4" / "trlog.json").read_text() == "[]"
     assert sorted(os.listdir(root)) == [".owner"]
+
+
+# ------------------------------------------------------------------ issue 23: SEEDS, one run per seed, SUMMARY
+def _in_process(extra: list[str]):
+    """A stand-in for run_experiment.run_child that runs main.py and tools.report in this process (no interpreter
+    start per command), with ``extra`` flags added to every main.py command (a short validation)."""
+    import main
+    from tools import report
+
+    def run_child(cmd: list[str]) -> tuple[int, bytes]:
+        if cmd[1:3] == ["-m", "tools.report"]:
+            return report.main(cmd[3:]), b""
+        assert cmd[1] == rx.script("main.py"), cmd
+        return main.cli(cmd[2:] + extra), b""
+    return run_child
+
+
+TINY = {"DATASET": "custom", "NET_ARCH": "conv4", "IMAGE_SIZE": 16, "PREPROCESS": "paper", "PRE_BATCH_SIZE": 32,
+        "PRE_EPOCH_ITERS": 4, "PRE_TRA_ITER_MAX": 8, "PRE_DROP_STEP": 4, "PRE_ITER": 4, "SAVE_STEP": 3,
+        "MAX_MAX_ITER": 3, "LR_DROP_STEP": 3, "META_BATCH_SIZE": 1, "UPDATE_NUM": 3, "TEST_UPDATE_NUM": 3,
+        "TRAIN_QUERY": 5, "TEST_QUERY": 5, "NUM_TEST_EPISODES": 20, "SECOND_ORDER": False, "DEVICE": "cpu",
+        "BASE_LR": 0.1}
+
+
+@pytest.mark.parametrize("bad,says", [([], "must be a list of seeds"), (1, "must be a list of seeds"),
+                                      ([0, 2], "seed 0 draws a random seed"),
+                                      ([1, -1], "SEEDS[1] = -1 must be an integer in [0, 4294967295]")])
+def test_a_wrong_seed_list_is_one_line(bad, says, monkeypatch):
+    monkeypatch.setattr(rx, "SEEDS", bad)
+    with pytest.raises(rx.ConstantError, match=re.escape(says)) as e:
+        rx.check_constants("PRE")
+    assert str(e.value).startswith(f"run_experiment.py line {_line('SEEDS')}: SEEDS")
+
+
+def test_one_seed_keeps_the_single_run_and_passes_its_seed(monkeypatch):
+    monkeypatch.setattr(rx, "SEEDS", [7])
+    a = [parse_args(c[2:]) for c in rx.commands("META")]
+    assert [x.seed for x in a] == [7, 7] and {x.log_root for x in a} == {rx.LOG_DIR} and a[0].cache_dir is None
+    assert len(rx.commands("META")) == 2  # no summary of one seed unless asked for (SUMMARY)
+    summary = rx.commands("SUMMARY")
+    assert len(summary) == 1 and summary[0][1:4] == ["-m", "tools.report", "--seeds"]
+
+
+def test_a_seed_list_of_two_runs_two_folders_and_the_summary_std_is_numpys(monkeypatch, tmp_path):
+    """SEEDS = [1, 2] on a tiny pack (conv4, 16 px, a few iterations): PRE and META run each seed into
+    <LOG_DIR>/seed<N>/ with one shared cache; META ends with the summary, whose std across seeds is numpy's
+    (ddof = 1) of the two results.json means, next to each seed's own interval."""
+    from tests.helpers import make_npz
+    npz = make_npz(str(tmp_path / "d.npz"), size=16, per_class=20, classes=(8, 6, 6))
+    logs = tmp_path / "logs"
+    for k, v in {**TINY, "LOG_DIR": str(logs), "SEEDS": [1, 2], "PRE_TRA_DIR": npz, "META_TRA_DIR": npz,
+                 "META_VAL_DIR": npz, "META_TES_DIR": npz}.items():
+        monkeypatch.setattr(rx, k, v)
+    monkeypatch.setattr(rx, "run_child", _in_process(["--num_val_episodes", "10", "--pre_val_update_step", "3",
+                                                      "--quiet"]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rx.cli(["PRE"])
+    rx.cli(["META"])
+    assert sorted(p.name for p in logs.iterdir()) == ["seed1", "seed2", "seeds"]  # (a pack needs no cache entry)
+    run = "custom_conv4_5way1shot_exp1"
+    args = [json.loads((logs / f"seed{s}" / "meta" / run / "args.json").read_text()) for s in (1, 2)]
+    assert [(a["seed"], a["log_root"], a["cache_dir"]) for a in args] == [
+        (s, str(logs / f"seed{s}"), str(logs / "cache")) for s in (1, 2)]
+    res = [json.loads((logs / f"seed{s}" / "meta" / run / "results.json").read_text()) for s in (1, 2)]
+    assert [r["settings"]["seed"] for r in res] == [1, 2]
+    assert [json.loads((logs / f"seed{s}" / "pre" / "custom_conv4_normal" / "args.json").read_text())["seed"]
+            for s in (1, 2)] == [1, 2]
+    summary = json.loads((logs / "seeds" / run / "summary.json").read_text())
+    row = summary["results"]["results.json"]
+    means = np.array([r["mean"] for r in res])
+    assert row["std"] == pytest.approx(np.std(means, ddof=1), abs=1e-4)  # (both rounded to 4 decimals)
+    assert row["mean"] == pytest.approx(means.mean(), abs=1e-4) and row["n_seeds"] == 2
+    assert [(p["seed"], p["mean"], p["ci95"]) for p in row["per_seed"]] == [(1, res[0]["mean"], res[0]["ci95"]),
+                                                                            (2, res[1]["mean"], res[1]["ci95"])]
+    md = (logs / "seeds" / run / "summary.md").read_text()
+    assert "| std across seeds |" in md and f"{res[0]['mean']:.2f} ± {res[0]['ci95']:.2f}" in md

@@ -41,6 +41,8 @@ from utils.misc import (WriteError, format_acc, get_rng_state, remove_orphaned_t
                         write_error, write_json_atomic)
 from utils.run_lock import RunLock, holds_run, move_aside
 
+from trainer.run_report import REPORT_MD, write_run_report
+
 def scheduled_lr(lr0: float, epoch: int, step_size: int, gamma: float, floor: float = 0.0) -> float:
     """Step schedule with the official epoch semantics (reference section 12.1): the official code calls
     ``StepLR.step()`` at the *start* of each 1-indexed epoch, so epoch ``e`` trains at
@@ -476,9 +478,13 @@ class BaseTrainer:
             if run.resume:
                 self.load_resume()
             try:
-                return self._epochs()
+                best = self._epochs()
             except WriteError as e:  # a checkpoint, log, TensorBoard or hard-task file could not be written
                 raise self.write_failed(e) from None
+            trained = self.start_epoch <= self.max_epoch  # (a resume of a finished run trains, and rewrites, nothing)
+            if distributed.is_main() and (trained or not os.path.isfile(os.path.join(self.log_dir, REPORT_MD))):
+                write_run_report(self.log_dir)  # report.md of the run (trainer/run_report.py: milliseconds, no picture)
+            return best
 
     def start_fresh(self) -> None:
         """Called with the lock held, before the first epoch: remove what a fresh run must not append to."""

@@ -30,12 +30,13 @@ from config.settings import Settings
 from data_generator.dataset_loader import check_episode_fit
 from data_generator.hard_tasks import HardTaskPlanner
 from data_generator.meta_data_generator import CategoriesSampler, Task, by_class, fixed_episodes
-from models.evaluate import EvalSettings, evaluate
+from models.evaluate import EvalSettings, class_accuracy, evaluate
 from models.heads import HEADS
 from models.loading import check_weights_path, init_meta_model, load, read_weights
 from models.mtl import MetaLearner
 from models.tf_weights import TENSORFLOW
 from trainer.base import BaseTrainer, DataBundle, scheduled_lr
+from trainer.run_report import write_run_report
 from utils import distributed
 from utils.errors import UserError
 from utils.finite import all_finite, describe_nonfinite
@@ -231,7 +232,8 @@ class MetaTrainer(BaseTrainer):
             if use_ht:
                 hard_tasks = self.hard.plan()
                 for task in hard_tasks:
-                    self.run_tasks([task.episode], weight if shared else 1.0, timer)
+                    (_, hard_acc), = self.run_tasks([task.episode], weight if shared else 1.0, timer)
+                    self.hard.record_hard(hard_acc)
                     if not shared:
                         self.outer_step()
                 if shared:
@@ -289,9 +291,14 @@ def meta_eval(settings: Settings, device: torch.device) -> dict:
     w, b = model.head_init(ev.way, ev.seed)
     episodes = fixed_episodes(test_set.labels, ev.episodes, ev.way, ev.shot, ev.query, ev.seed)
     # a non-finite feature or logit stops here (utils.finite.NonFiniteError), before anything is written
-    mean, ci, accs = evaluate(model.encoder, test_set, data.eval_transform, episodes, w, b, ev, device,
-                              desc="encode test")
-    return write_results(path, model.kind, mean, ci, len(accs), ev, settings.record(), write=distributed.is_main())
+    mean, ci, accs, class_accs = evaluate(model.encoder, test_set, data.eval_transform, episodes, w, b, ev, device,
+                                          desc="encode test", return_class_acc=True)
+    result = write_results(path, model.kind, mean, ci, len(accs), ev, settings.record(), write=distributed.is_main(),
+                           episode_accs=accs,
+                           class_accs=class_accuracy(class_accs, episodes, test_set.labels, test_set.class_names))
+    if distributed.is_main():  # the folder's report.md, with this result (trainer/run_report.py)
+        write_run_report(os.path.dirname(result["path"]))
+    return result
 
 
 class ResultsNotWritten(UserError):
@@ -302,16 +309,25 @@ class ResultsNotWritten(UserError):
 
 
 def write_results(path: str, kind: str, mean: float, ci: float, n: int, ev: EvalSettings, settings: dict,
-                  write: bool = True) -> dict:
+                  write: bool = True, episode_accs: np.ndarray | None = None,
+                  class_accs: dict | None = None) -> dict:
     """Print the test line, then write the results JSON next to the checkpoint ``path`` (``write``: under torchrun
     rank 0 only; every rank returns the same dict). The accuracy is printed first, so that it is seen even when the
-    folder cannot be written (:class:`ResultsNotWritten`, after the line)."""
+    folder cannot be written (:class:`ResultsNotWritten`, after the line).
+
+    ``episode_accs`` ``(E,)`` in [0, 1] are stored rounded to 6 decimals (``episode_accs``: the run report's histogram,
+    a paired comparison made afterwards; float32 accuracies carry 7 digits), ``class_accs`` as
+    :func:`models.evaluate.class_accuracy` gives them (``class_accs``: the report's hardest and easiest classes)."""
     method = HEADS[ev.classifier].method(kind)  # e.g. mtl, pretrained, mtl+centroid
     result = {"mean": round(100 * mean, 4), "ci95": round(100 * ci, 4), "episodes": n, "way": ev.way,
               "shot": ev.shot, "query": ev.query, "method": method, "checkpoint": path,
               "classifier": ev.classifier, "eval_mode": ev.mode, "eval_seed": ev.seed,
               "inner_steps": ev.inner.steps, "base_lr": ev.inner.lr, "flip_support": ev.flip_support,
               "settings": settings}
+    if episode_accs is not None:
+        result["episode_accs"] = [round(float(a), 6) for a in episode_accs]
+    if class_accs is not None:
+        result["class_accs"] = class_accs
     name = "results.json" if method == "mtl" else f"results_{method.replace('+', '_')}_{ev.way}way{ev.shot}shot.json"
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # a TF weights folder: in it
     out = os.path.join(folder, name)

@@ -138,3 +138,69 @@ def test_ablation_and_bench_run_the_tools(capsys):
     modules = [c[c.index("-m") + 1] for c in cmds.values() if "-m" in c] + [printed[0].split()[3]]
     assert sorted(set(modules)) == ["tools.benchmark", "tools.glyphs", "tools.report"]
     assert all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+# ------------------------------------------------------------------ issue 23: the run report, the seed summary
+def _panel_std(png: str, rows: int, cols: int) -> list[float]:
+    """The grey-level standard deviation of each panel cell of ``png`` (row-major), its title strip excluded."""
+    import numpy as np
+    from PIL import Image
+    img = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    w, h = report.PANEL_PX
+    return [float(img[r * h + 40:(r + 1) * h, c * w:(c + 1) * w].std()) for r in range(rows) for c in range(cols)]
+
+
+def test_run_report_of_a_real_hard_task_run_has_its_four_panels(tmp_path, capsys):
+    """A real (tiny) HT meta-train from the committed pre-train fixture, its meta_eval, then python -m tools.report:
+    report.png is 2 x 2 panels of PANEL_PX, none blank, and report.md names the files it read."""
+    from pathlib import Path
+
+    import main
+    from PIL import Image
+    root = Path(__file__).resolve().parents[2]
+    flags = ["--dataset", "glyphs", "--dataset_dir", str(root / "data" / "glyphs100.npz"), "--quiet", "--device", "cpu",
+             "--cache_dir", "none", "--log_root", str(tmp_path), "--num_val_episodes", "10", "--update_step", "3",
+             "--base_lr", "0.1", "--backbone", "conv4", "--image_size", "16", "--preprocess", "paper", "--hard_task",
+             "--seed", "1"]
+    pre = str(root / "tests" / "data" / "checkpoints_v1" / "pre_conv4.pth")
+    assert main.cli(["--phase", "meta_train", "--max_epoch", "2", "--num_batch", "3", "--train_query", "5",
+                     "--init_weights", pre] + flags) == 0
+    assert main.cli(["--phase", "meta_eval", "--num_test_episodes", "30", "--val_query", "5"] + flags) == 0
+    run = tmp_path / "meta" / "glyphs_conv4_5way1shot_HT_exp1"
+    auto = (run / "report.md").read_text()  # the end-of-phase report: markdown only
+    assert "`hard_tasks.jsonl`" in auto and not (run / "report.png").exists()
+    capsys.readouterr()
+    assert report.main([str(run)]) == 0
+    assert "panels: training, test episodes, classes, hard tasks" in capsys.readouterr().out
+    png = str(run / "report.png")
+    assert Image.open(png).size == (2 * report.PANEL_PX[0], 2 * report.PANEL_PX[1])
+    assert min(_panel_std(png, 2, 2)) > 10, _panel_std(png, 2, 2)
+    md = (run / "report.md").read_text()
+    assert "Read from " in md and all(f"`{f}`" in md for f in ("args.json", "trlog.json", "results.json",
+                                                                "hard_tasks.jsonl"))
+    assert "![" in md and "report.png" in md and "panels: training, test episodes, classes, hard tasks" in md
+    ht = [json.loads(line) for line in (run / "hard_tasks.jsonl").read_text().splitlines()]
+    assert all(len(r["hard_task_accuracies"]) == 1 and len(r["task_accuracies"]) == 1 for r in ht)
+    assert "query accuracy of the hard tasks" in md
+
+
+def test_run_report_draws_only_what_the_folder_has(tmp_path):
+    """A folder with a results file but no training log: two panels side by side (test episodes, classes)."""
+    accs = [0.6, 0.8, 0.8, 1.0, 0.4] * 4
+    _write(str(tmp_path / "results_pretrained_5way1shot.json"),
+           {**_result(72.0, 1, episodes=20), "query": 1, "method": "pretrained", "episode_accs": accs,
+            "class_accs": {f"c{i}": {"acc": 50.0 + 5 * i, "episodes": 5} for i in range(8)}})
+    run = report.run_report(str(tmp_path))
+    assert run["panels"] == ["test episodes", "classes"] and run["files"] == ["results_pretrained_5way1shot.json"]
+    from PIL import Image
+    assert Image.open(tmp_path / "report.png").size == (2 * report.PANEL_PX[0], report.PANEL_PX[1])
+    assert min(_panel_std(str(tmp_path / "report.png"), 1, 2)) > 10
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training" not in md and "| c0 | 50.00 | 5 | c7 | 85.00 | 5 |" in md
+
+
+def test_seed_summary_refuses_runs_on_other_episodes(tmp_path):
+    for s, seed in ((1, 1), (2, 2)):
+        _write(str(tmp_path / f"s{s}" / "results.json"), {**_result(50.0 + s, 1, seed=seed), "settings": {"seed": s}})
+    with pytest.raises(ValueError, match="was tested on other episodes"):
+        report.seed_summary([str(tmp_path / "s1"), str(tmp_path / "s2")])
