@@ -886,19 +886,7 @@ def _e174(c, mp):  # a --query file that is not an image
 
 
 PREDICT_CASES = {f"E{i}": globals()[f"_e{i}"] for i in range(160, 175)}
-PREDICT_SUBPROCESS = ("E165", "E166")  # also through python main.py: no traceback reaches stderr
-
-
-@pytest.mark.parametrize("cid", PREDICT_SUBPROCESS)
-def test_predict_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
-    c = Case(world, tmp_path)
-    argv = case_argv(cid, c, monkeypatch)
-    before = tree_hashes(c.logs)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, str(ROOT / "main.py")] + argv, cwd=str(tmp_path), env=env,
-                       capture_output=True, text=True, timeout=120)
-    check_output(cid, p.returncode, p.stderr)
-    assert tree_hashes(c.logs) == before and not (c.logs / "predict").exists()
+PREDICT_SUBPROCESS = ("E165", "E166")  # also through python main.py (test_bad_input_subprocess): no traceback
 
 
 # ------------------------------------- issue 23: --phase compare, several --eval_weights, the reports (E180-E192;
@@ -1258,9 +1246,10 @@ def test_bad_input(cid, world, tmp_path, capsys, monkeypatch):
     assert c.after()
 
 
-@pytest.mark.parametrize("cid", SUBPROCESS)
+@pytest.mark.parametrize("cid", SUBPROCESS + PREDICT_SUBPROCESS)
 def test_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
-    """The same rows through ``python main.py``: stderr holds the one error line and nothing else."""
+    """The same rows through ``python main.py``: stderr holds the one error line and nothing else, and the log
+    folder is as it was (predict: no ``predict/`` output folder)."""
     c = Case(world, tmp_path)
     c.after = lambda: True
     argv = case_argv(cid, c, monkeypatch)
@@ -1269,7 +1258,7 @@ def test_bad_input_subprocess(cid, world, tmp_path, monkeypatch):
     p = subprocess.run([sys.executable, str(ROOT / "main.py")] + argv, cwd=str(tmp_path), env=env,
                        capture_output=True, text=True, timeout=120)
     check_output(cid, p.returncode, p.stderr)
-    assert tree_hashes(c.logs) == before
+    assert tree_hashes(c.logs) == before and not (c.logs / "predict").exists()
     assert c.after()  # E43: the command in the pickle did not run
 
 

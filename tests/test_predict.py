@@ -318,6 +318,20 @@ def test_run_experiment_predict_prints_its_command(monkeypatch, capsys):
     assert "main.py --phase predict" in capsys.readouterr().out
 
 
+def test_run_experiment_predict_under_several_seeds_uses_the_first_seeds_model(monkeypatch):
+    """SEEDS = [3, 4]: PREDICT is one command (one set of output files), classifying with the model the first seed's
+    TEST tests (its own --log_root), not a checkpoint of the single-seed folder."""
+    import run_experiment as rx
+    from config.options import parse_args
+    from config.settings import RunPaths
+    monkeypatch.setattr(rx, "SEEDS", [3, 4])
+    (cmd,) = rx.commands("PREDICT")
+    first_test = rx.commands("TEST")[0]
+    assert "seed3" in first_test[first_test.index("--log_root") + 1]
+    assert cmd[cmd.index("--eval_weights") + 1] == RunPaths.from_args(parse_args(first_test[2:])).meta_checkpoint
+    assert cmd[cmd.index("--seed") + 1] == "3" and rx.predict_checkpoint() == cmd[cmd.index("--eval_weights") + 1]
+
+
 @pytest.mark.parametrize("value,says", [("", "SUPPORT_DIR = '' must be a path (not empty)"),
                                         (3, "SUPPORT_DIR = 3 must be a str (text in quotes), not an int")])
 def test_run_experiment_checks_the_predict_constants(value, says, monkeypatch, capsys):
